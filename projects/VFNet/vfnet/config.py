@@ -1,0 +1,50 @@
+from detectron2.config import CfgNode as CN
+
+
+def add_vfnet_config(cfg):
+    """
+    Add the VFNet keys (``MODEL.VFNET``) to a Detectron2 config, with the defaults of the
+    official VarifocalNet R-50 1x model.
+    """
+    cfg.MODEL.VFNET = CN()
+    v = cfg.MODEL.VFNET
+    v.NUM_CLASSES = 80
+    v.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+
+    # Head
+    v.NUM_CONVS = 3
+    v.NORM = "GN"
+    # "reg_denom": the initial box of a level is scaled by 8 x its stride; "stride": by the stride.
+    v.BBOX_NORM_TYPE = "reg_denom"
+    # Share of the gradient that flows from the star offsets back to the initial box.
+    v.GRADIENT_MUL = 0.1
+    v.DCN_ON_LAST_CONV = False
+    v.PRIOR_PROB = 0.01
+    # Kernel of the deformable convs: "auto" (Detectron2's on CUDA, torchvision's on CPU),
+    # "detectron2" or "torchvision".
+    v.DEFORM_CONV_IMPL = "auto"
+
+    # Ablation switches (VarifocalNet, Table 3).
+    v.USE_VFL = True  # False: focal loss on the ATSS labels
+    v.USE_STAR_DCN = True  # False: plain 3x3 convs instead of the star deformable convs
+    v.USE_REFINE = True  # False: no box refinement, the initial box is the output
+
+    # Losses
+    v.VFL_ALPHA = 0.75
+    v.VFL_GAMMA = 2.0
+    v.IOU_WEIGHTED = True
+    v.FOCAL_ALPHA = 0.25
+    v.FOCAL_GAMMA = 2.0
+    v.LOSS_BBOX_WEIGHT = 1.5
+    v.LOSS_BBOX_REFINE_WEIGHT = 2.0
+
+    # ATSS sample assignment: one square anchor of side ANCHOR_SCALE x stride per location.
+    v.ATSS = CN()
+    v.ATSS.TOPK = 9
+    v.ATSS.ANCHOR_SCALE = 8
+
+    # Inference
+    v.TEST_SCORE_THRESH = 0.05
+    v.TEST_TOPK_CANDIDATES = 1000
+    v.TEST_NMS_THRESH = 0.6
+    v.TEST_DETECTIONS_PER_IMAGE = 100

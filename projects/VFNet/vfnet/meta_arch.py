@@ -1,0 +1,288 @@
+"""
+VarifocalNet (Zhang et al., "VarifocalNet: An IoU-aware Dense Object Detector", CVPR 2021) as a
+Detectron2 dense detector.
+"""
+import logging
+from typing import List, Tuple
+import torch
+import torch.distributed as dist
+from fvcore.nn import sigmoid_focal_loss_jit
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import batched_nms, cat
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.box_regression import Box2BoxTransformLinear
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+
+from .atss import ATSSMatcher
+from .box_coding import distances_to_boxes
+from .head import VFNetHead
+from .losses import iou_weighted_giou_loss, varifocal_loss
+
+__all__ = ["VFNet"]
+
+logger = logging.getLogger(__name__)
+
+
+def mean_over_workers(value: Tensor) -> float:
+    """The mean of a scalar tensor over all workers (itself when not distributed)."""
+    world_size = comm.get_world_size()
+    if world_size > 1:
+        value = value.detach().clone().float()
+        dist.all_reduce(value)
+        value = value / world_size
+    return float(value)
+
+
+@META_ARCH_REGISTRY.register()
+class VFNet(DenseDetector):
+    """
+    Implement VarifocalNet: ATSS sample assignment, varifocal loss on IoU-aware classification
+    scores, GIoU losses on the initial and the refined boxes.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: nn.Module,
+        head_in_features: List[str],
+        anchor_generator: nn.Module,
+        anchor_matcher: ATSSMatcher,
+        num_classes: int,
+        use_vfl: bool = True,
+        vfl_alpha: float = 0.75,
+        vfl_gamma: float = 2.0,
+        iou_weighted: bool = True,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        loss_bbox_weight: float = 1.5,
+        loss_bbox_refine_weight: float = 2.0,
+        test_score_thresh: float = 0.05,
+        test_topk_candidates: int = 1000,
+        test_nms_thresh: float = 0.6,
+        max_detections_per_image: int = 100,
+        pixel_mean,
+        pixel_std,
+    ):
+        """
+        Args:
+            backbone, head_in_features, pixel_mean, pixel_std: see :class:`DenseDetector`.
+            head: a :class:`VFNetHead`.
+            anchor_generator: one square anchor per location, centered on the location; the
+                anchors are used by ATSS, their centers are the locations boxes are decoded from.
+            anchor_matcher: an :class:`ATSSMatcher`.
+            num_classes: number of object classes.
+            use_vfl: varifocal loss on IoU targets; False: focal loss on the ATSS labels.
+            vfl_alpha, vfl_gamma, iou_weighted: see :func:`varifocal_loss`.
+            focal_alpha, focal_gamma: parameters of the focal loss when `use_vfl` is False.
+            loss_bbox_weight, loss_bbox_refine_weight: weights of the GIoU losses of the initial
+                and the refined boxes.
+            test_score_thresh, test_topk_candidates: per level, keep the (location, class)
+                scores above the threshold, at most the top k of them.
+            test_nms_thresh: IoU threshold of the class-wise NMS.
+            max_detections_per_image: detections kept per image after NMS.
+        """
+        super().__init__(
+            backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        self.num_classes = num_classes
+        self.anchor_generator = anchor_generator
+        self.anchor_matcher = anchor_matcher
+        # Decodes distances (l, t, r, b) from the anchor centers, i.e. from the locations.
+        self.box2box_transform = Box2BoxTransformLinear(normalize_by_size=False)
+
+        self.use_vfl = use_vfl
+        self.vfl_alpha = vfl_alpha
+        self.vfl_gamma = vfl_gamma
+        self.iou_weighted = iou_weighted
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.loss_bbox_weight = loss_bbox_weight
+        self.loss_bbox_refine_weight = loss_bbox_refine_weight
+
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+
+    @classmethod
+    def from_config(cls, cfg):
+        v = cfg.MODEL.VFNET
+        backbone = build_backbone(cfg)
+        backbone_shape = backbone.output_shape()
+        missing = [f for f in v.IN_FEATURES if f not in backbone_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.VFNET.IN_FEATURES names {missing}, which the backbone "
+                f"'{cfg.MODEL.BACKBONE.NAME}' does not produce (it has {sorted(backbone_shape)})."
+            )
+        feature_shapes = [backbone_shape[f] for f in v.IN_FEATURES]
+        strides = [s.stride for s in feature_shapes]
+        return {
+            "backbone": backbone,
+            "head": VFNetHead(cfg, feature_shapes),
+            "head_in_features": v.IN_FEATURES,
+            "anchor_generator": DefaultAnchorGenerator(
+                sizes=[[v.ATSS.ANCHOR_SCALE * s] for s in strides],
+                aspect_ratios=[1.0],
+                strides=strides,
+                offset=0.0,
+            ),
+            "anchor_matcher": ATSSMatcher(v.ATSS.TOPK),
+            "num_classes": v.NUM_CLASSES,
+            "use_vfl": v.USE_VFL,
+            "vfl_alpha": v.VFL_ALPHA,
+            "vfl_gamma": v.VFL_GAMMA,
+            "iou_weighted": v.IOU_WEIGHTED,
+            "focal_alpha": v.FOCAL_ALPHA,
+            "focal_gamma": v.FOCAL_GAMMA,
+            "loss_bbox_weight": v.LOSS_BBOX_WEIGHT,
+            "loss_bbox_refine_weight": v.LOSS_BBOX_REFINE_WEIGHT,
+            "test_score_thresh": v.TEST_SCORE_THRESH,
+            "test_topk_candidates": v.TEST_TOPK_CANDIDATES,
+            "test_nms_thresh": v.TEST_NMS_THRESH,
+            "max_detections_per_image": v.TEST_DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        logits, boxes_init, boxes_refine = predictions
+        logits, boxes_init, boxes_refine = self._transpose_dense_predictions(
+            [logits, boxes_init, boxes_refine], [self.num_classes, 4, 4]
+        )
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        return self.losses(anchors, logits, boxes_init, boxes_refine, gt_labels, gt_boxes)
+
+    @torch.no_grad()
+    def label_anchors(
+        self, anchors: List[Boxes], gt_instances: List[Instances]
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """
+        Assign the locations of every image with ATSS.
+
+        Returns:
+            gt_labels: per image, (R,) class of the box assigned to each location, or
+                `num_classes` for a negative location.
+            gt_boxes: per image, (R, 4) the box assigned to each location (zeros for negatives).
+        """
+        num_anchors_per_level = [len(a) for a in anchors]
+        anchors = Boxes.cat(anchors).tensor
+        gt_labels, gt_boxes = [], []
+        for inst in gt_instances:
+            boxes = inst.gt_boxes.tensor
+            matched = self.anchor_matcher(anchors, num_anchors_per_level, boxes)
+            if len(inst) > 0:
+                labels = inst.gt_classes[matched.clamp(min=0)]
+                labels[matched < 0] = self.num_classes
+                gt_boxes.append(boxes[matched.clamp(min=0)])
+            else:
+                labels = torch.full_like(matched, self.num_classes)
+                gt_boxes.append(torch.zeros_like(anchors))
+            gt_labels.append(labels)
+        return gt_labels, gt_boxes
+
+    def losses(self, anchors, logits, boxes_init, boxes_refine, gt_labels, gt_boxes):
+        """
+        Args:
+            anchors: per level, Boxes of the level's anchors.
+            logits: per level, (N, Ri, K) classification logits.
+            boxes_init, boxes_refine: per level, (N, Ri, 4) predicted distances; `boxes_refine`
+                is empty when refinement is off.
+            gt_labels, gt_boxes: output of :meth:`label_anchors`.
+
+        Returns:
+            dict with "loss_cls", "loss_bbox" and, with refinement, "loss_bbox_refine".
+        """
+        num_images = len(gt_labels)
+        gt_labels = torch.stack(gt_labels)  # (N, R)
+        gt_boxes = torch.stack(gt_boxes)  # (N, R, 4)
+        pos_mask = gt_labels != self.num_classes
+        num_pos = pos_mask.sum()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos.item() / num_images)
+        normalizer = max(mean_over_workers(num_pos), 1.0)
+
+        points = Boxes.cat(anchors).get_centers()[None].expand(num_images, -1, -1)[pos_mask]
+        target_boxes = gt_boxes[pos_mask]
+
+        def box_loss(distances: List[Tensor], weight: float):
+            pred_boxes = distances_to_boxes(points, cat(distances, dim=1)[pos_mask])
+            loss_sum, ious = iou_weighted_giou_loss(pred_boxes, target_boxes)
+            return weight * loss_sum / max(mean_over_workers(ious.sum()), 1.0), ious
+
+        losses = {}
+        losses["loss_bbox"], ious = box_loss(boxes_init, self.loss_bbox_weight)
+        if boxes_refine:
+            losses["loss_bbox_refine"], ious = box_loss(boxes_refine, self.loss_bbox_refine_weight)
+
+        logits = cat(logits, dim=1)
+        if self.use_vfl:
+            # IoU-aware targets: the IoU of the final box with its ground truth, at its class.
+            targets = torch.zeros_like(logits, dtype=torch.float32)
+            pos_image, pos_location = pos_mask.nonzero(as_tuple=True)
+            targets[pos_image, pos_location, gt_labels[pos_mask]] = ious
+            loss_cls = varifocal_loss(
+                logits, targets, self.vfl_alpha, self.vfl_gamma, self.iou_weighted, reduction="sum"
+            )
+        else:
+            targets = F.one_hot(gt_labels, self.num_classes + 1)[..., :-1].float()
+            loss_cls = sigmoid_focal_loss_jit(
+                logits.float(), targets, self.focal_alpha, self.focal_gamma, reduction="sum"
+            )
+        losses["loss_cls"] = loss_cls / normalizer
+        return losses
+
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+    ) -> List[Instances]:
+        logits, boxes_init, boxes_refine = predictions
+        logits, boxes = self._transpose_dense_predictions(
+            [logits, boxes_refine or boxes_init], [self.num_classes, 4]
+        )
+        anchors = self.anchor_generator(features)
+        results = []
+        for img_idx, image_size in enumerate(images.image_sizes):
+            scores = [x[img_idx].sigmoid() for x in logits]
+            distances = [x[img_idx] for x in boxes]
+            results.append(self.inference_single_image(anchors, scores, distances, image_size))
+        return results
+
+    def inference_single_image(
+        self,
+        anchors: List[Boxes],
+        scores: List[Tensor],
+        distances: List[Tensor],
+        image_size: Tuple[int, int],
+    ) -> Instances:
+        """
+        Args:
+            anchors: per level, Boxes of the level's anchors (their centers are the locations).
+            scores: per level, (Ri, K) scores in [0, 1].
+            distances: per level, (Ri, 4) predicted distances (l, t, r, b).
+            image_size: (height, width) of the image before padding.
+
+        Returns:
+            Instances with pred_boxes (clipped to the image), scores and pred_classes.
+        """
+        pred = self._decode_multi_level_predictions(
+            anchors,
+            scores,
+            distances,
+            self.test_score_thresh,
+            self.test_topk_candidates,
+            image_size,
+        )
+        pred.pred_boxes.clip(image_size)
+        keep = batched_nms(
+            pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
+        )
+        return pred[keep[: self.max_detections_per_image]]
