@@ -19,5 +19,8 @@ else:
     HAS_DETECTRON2 = True
     from .backbone import build_vfnet_resnet_fpn_backbone
     from .config import add_vfnet_config
+    from .data.datasets import register_coco_dataset, register_shapes_datasets
     from .head import VFNetHead
     from .meta_arch import VFNet
+
+    register_shapes_datasets()
