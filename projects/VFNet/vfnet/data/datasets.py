@@ -56,6 +56,11 @@ def register_coco_dataset(spec: str) -> str:
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"--dataset '{spec}': image directory '{image_root}' does not exist.")
     if name in DatasetCatalog.list():
-        raise ValueError(f"--dataset '{spec}': a dataset named '{name}' is already registered.")
+        meta = MetadataCatalog.get(name)
+        if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
+            return name
+        raise ValueError(
+            f"--dataset '{spec}': a different dataset named '{name}' is already registered."
+        )
     register_coco_instances(name, {}, json_file, image_root)
     return name

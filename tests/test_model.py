@@ -1,0 +1,194 @@
+"""The VFNet meta-architecture inside Detectron2: building, training steps and inference."""
+import glob
+import os
+import pytest
+import torch
+
+pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+import vfnet  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+SMALL = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "MODEL.VFNET.NUM_CLASSES", "3",
+    "MODEL.WEIGHTS", "",
+]
+
+
+def small_cfg(*opts):
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "Base-VFNet.yaml"))
+    cfg.merge_from_list(SMALL + list(opts))
+    return cfg
+
+
+def instances(boxes, classes, size=(96, 128)):
+    return Instances(
+        size,
+        gt_boxes=Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)),
+        gt_classes=torch.tensor(classes, dtype=torch.int64),
+    )
+
+
+def batch():
+    torch.manual_seed(0)
+    return [
+        {"image": torch.rand(3, 96, 128) * 255, "instances": instances([[10, 12, 60, 80], [50, 20, 120, 70]], [0, 2])},
+        {"image": torch.rand(3, 96, 128) * 255, "instances": instances([[30, 30, 40, 44]], [1])},
+    ]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_build_model_from_every_config(path):
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert isinstance(model, vfnet.VFNet)
+    assert model.head.cls_score.out_channels == cfg.MODEL.VFNET.NUM_CLASSES
+    strides = [model.backbone.output_shape()[f].stride for f in cfg.MODEL.VFNET.IN_FEATURES]
+    assert strides == [8, 16, 32, 64, 128]
+
+
+def test_r50_head_has_the_official_layers():
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "VFNet_R_50_FPN_1x.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    head = sum(p.numel() for p in model.head.parameters())
+    # Hand count of the head: 7 conv3x3 256->256 without bias (6 tower convs + the initial-box
+    # conv) with GN (2 x 256 each), 2 deformable conv3x3 256->256 without bias, 2 conv3x3 256->4
+    # with bias, 1 conv3x3 256->80 with bias, 2 x 5 level scales.
+    conv = 256 * 256 * 9
+    expected = 7 * (conv + 512) + 2 * conv + 2 * (256 * 4 * 9 + 4) + (256 * 80 * 9 + 80) + 10
+    assert head == expected
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        [],
+        ["MODEL.VFNET.USE_VFL", "False"],
+        ["MODEL.VFNET.USE_STAR_DCN", "False"],
+        ["MODEL.VFNET.USE_REFINE", "False"],
+        ["MODEL.VFNET.BBOX_NORM_TYPE", "stride"],
+        ["MODEL.VFNET.DCN_ON_LAST_CONV", "True"],
+    ],
+    ids=["default", "focal_loss", "no_star_dcn", "no_refine", "stride_norm", "dcn_tower"],
+)
+def test_training_step_gives_finite_losses_and_gradients_on_every_parameter(opts):
+    model = build_model(small_cfg(*opts))
+    model.train()
+    with EventStorage(0):
+        losses = model(batch())
+    expected = {"loss_cls", "loss_bbox"} | ({"loss_bbox_refine"} if "MODEL.VFNET.USE_REFINE" not in opts else set())
+    assert set(losses) == expected
+    for name, value in losses.items():
+        assert torch.isfinite(value) and value > 0, name
+    sum(losses.values()).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} gets no gradient (unused under DDP)"
+            assert torch.isfinite(p.grad).all(), name
+
+
+def test_image_without_boxes_trains():
+    model = build_model(small_cfg())
+    model.train()
+    data = [{"image": torch.rand(3, 96, 128) * 255, "instances": instances([], [])}]
+    with EventStorage(0):
+        losses = model(data)
+    assert losses["loss_bbox"] == 0 and losses["loss_bbox_refine"] == 0
+    assert losses["loss_cls"] > 0
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # Only the classification branch learns from an image of background.
+    assert model.head.cls_score.weight.grad.abs().sum() > 0
+    assert model.head.reg_init.weight.grad.abs().sum() == 0
+
+
+def test_inference_returns_instances_in_original_image_coordinates():
+    model = build_model(
+        small_cfg("MODEL.VFNET.TEST_SCORE_THRESH", "0.0", "MODEL.VFNET.TEST_NMS_THRESH", "1.0")
+    )
+    model.eval()
+    torch.manual_seed(1)
+    image = torch.rand(3, 96, 128) * 255
+    with torch.no_grad():
+        raw = model([{"image": image}])[0]["instances"]  # no height/width: input coordinates
+        out = model([{"image": image, "height": 192, "width": 384}])[0]["instances"]
+    assert len(out) == len(raw) == 100
+    assert set(out.get_fields()) == {"pred_boxes", "scores", "pred_classes"}
+    assert out.image_size == (192, 384)
+    scale = torch.tensor([384 / 128, 192 / 96, 384 / 128, 192 / 96])
+    torch.testing.assert_close(out.pred_boxes.tensor, raw.pred_boxes.tensor * scale)
+    torch.testing.assert_close(out.scores, raw.scores)
+    assert (out.pred_boxes.tensor[:, 0::2] <= 384).all() and (out.pred_boxes.tensor[:, 1::2] <= 192).all()
+    assert (out.pred_boxes.tensor >= 0).all()
+    assert (out.scores[:-1] >= out.scores[1:]).all()
+    assert out.pred_classes.max() < 3
+
+
+def test_inference_decodes_refined_boxes_from_the_locations():
+    """Detections equal a direct decode of the head's outputs at the kept locations."""
+    model = build_model(small_cfg("MODEL.VFNET.TEST_SCORE_THRESH", "0.0", "MODEL.VFNET.TEST_NMS_THRESH", "1.0"))
+    model.eval()
+    torch.manual_seed(2)
+    image = torch.rand(3, 96, 128) * 255
+    with torch.no_grad():
+        out = model([{"image": image}])[0]["instances"]
+        images = model.preprocess_image([{"image": image}])
+        features = model.backbone(images.tensor)
+        logits, _, refine = model.head([features[f] for f in model.head_in_features])
+    # The top detection: find its (level, location, class) by score and decode it by hand.
+    best = out.scores[0]
+    for level, (lg, rf) in enumerate(zip(logits, refine)):
+        stride = 8 * 2**level
+        hit = (lg[0].sigmoid() == best).nonzero()
+        if len(hit):
+            c, y, x = hit[0].tolist()
+            l, t, r, b = rf[0, :, y, x].tolist()
+            cx, cy = x * stride, y * stride
+            expected = torch.tensor([cx - l, cy - t, cx + r, cy + b]).clamp(min=0)
+            expected[0::2] = expected[0::2].clamp(max=128)
+            expected[1::2] = expected[1::2].clamp(max=96)
+            torch.testing.assert_close(out.pred_boxes.tensor[0], expected)
+            assert out.pred_classes[0] == c
+            return
+    pytest.fail("top score not found in the head outputs")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_and_cpu_deform_conv_paths_agree():
+    from vfnet.deform_conv import DeformConv2d
+
+    torch.manual_seed(0)
+    layer = DeformConv2d(16, 8, impl="auto")
+    x = torch.randn(2, 16, 12, 10, requires_grad=True)
+    offset = torch.randn(2, 18, 12, 10, requires_grad=True)
+    out_cpu = layer(x, offset)
+    out_cpu.square().sum().backward()
+    grads_cpu = [x.grad.clone(), offset.grad.clone(), layer.weight.grad.clone()]
+    layer.cuda()
+    xc, oc = x.detach().cuda().requires_grad_(), offset.detach().cuda().requires_grad_()
+    layer.weight.grad = None
+    out_cuda = layer(xc, oc)
+    out_cuda.square().sum().backward()
+    torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=1e-4, atol=1e-4)
+    for g_cpu, g_cuda in zip(grads_cpu, [xc.grad, oc.grad, layer.weight.grad]):
+        torch.testing.assert_close(g_cuda.cpu(), g_cpu, rtol=1e-3, atol=1e-3)
