@@ -117,9 +117,11 @@ def test_image_without_boxes_trains():
     sum(losses.values()).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    # Only the classification branch learns from an image of background.
+    # An image of background teaches the classification score; the refinement only learns from
+    # boxes (the initial box still moves a little: the star offsets pass it 10% of the gradient).
     assert model.head.cls_score.weight.grad.abs().sum() > 0
-    assert model.head.reg_init.weight.grad.abs().sum() == 0
+    assert model.head.reg_refine.weight.grad.abs().sum() == 0
+    assert model.head.reg_init.weight.grad.abs().sum() > 0
 
 
 def test_inference_returns_instances_in_original_image_coordinates():
