@@ -15,9 +15,26 @@ import os
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 
 import vfnet
+
+_create_ddp_model = d2_defaults.create_ddp_model
+
+
+def create_ddp_model(model, **kwargs):
+    """
+    Detectron2's `create_ddp_model`, which DefaultTrainer calls, also for CPU workers (gloo, as
+    `launch` starts them without GPUs): DistributedDataParallel takes no device_ids for a CPU
+    model.
+    """
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _create_ddp_model(model, **kwargs)
+
+
+d2_defaults.create_ddp_model = create_ddp_model
 
 
 class Trainer(DefaultTrainer):

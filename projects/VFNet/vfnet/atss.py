@@ -50,7 +50,9 @@ class ATSSMatcher:
         ious = box_iou(anchors, gt_boxes)  # (R, M)
         anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2
         gt_centers = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-        distances = torch.cdist(anchor_centers, gt_centers)  # (R, M)
+        distances = torch.cdist(
+            anchor_centers, gt_centers, compute_mode="donot_use_mm_for_euclid_dist"
+        )  # (R, M), computed directly: the matmul shortcut reorders near ties
 
         candidates = []
         start = 0

@@ -1,0 +1,85 @@
+"""
+One SGD step of a small VFNet on two images: in one process, and in two gloo processes that take
+one image each under DistributedDataParallel. Saves both updated state dicts for
+tests/test_distributed.py.
+
+    python tests/scripts/ddp_sgd_step.py OUT_DIR
+"""
+import os
+import sys
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.config import get_cfg
+from detectron2.engine import launch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+
+import vfnet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build():
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "Base-VFNet.yaml"))
+    # FrozenBN backbone and GN head: no batch statistics that depend on the split.
+    cfg.merge_from_list(
+        ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+         "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.VFNET.NUM_CLASSES", "3"]
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def images():
+    g = torch.Generator().manual_seed(1)
+
+    def inst(boxes, classes):
+        return Instances((96, 128), gt_boxes=Boxes(torch.tensor(boxes)), gt_classes=torch.tensor(classes))
+
+    return [
+        # Different numbers of positives on the two images, so that the normalisers matter.
+        {"image": torch.rand(3, 96, 128, generator=g) * 255,
+         "instances": inst([[10.0, 12, 60, 80], [50, 20, 120, 70], [5, 60, 40, 90]], [0, 2, 1])},
+        {"image": torch.rand(3, 96, 128, generator=g) * 255,
+         "instances": inst([[30.0, 30, 44, 46]], [1])},
+    ]  # fmt: skip
+
+
+def sgd_step(model, batch):
+    """One SGD step; returns the gradients it took."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with EventStorage(0):
+        losses = model(batch)
+    sum(losses.values()).backward()
+    optimizer.step()
+    named = getattr(model, "module", model).named_parameters()  # without the DDP prefix
+    return {n: p.grad for n, p in named if p.grad is not None}
+
+
+def worker(out_dir):
+    model = build()
+    model.load_state_dict(torch.load(os.path.join(out_dir, "initial.pth")))
+    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    rank = comm.get_rank()
+    grads = sgd_step(ddp, images()[rank : rank + 1])
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(out_dir, "ddp.pth"))
+        torch.save(grads, os.path.join(out_dir, "ddp_grads.pth"))
+
+
+def main(out_dir):
+    model = build()
+    torch.save(model.state_dict(), os.path.join(out_dir, "initial.pth"))
+    grads = sgd_step(model, images())
+    torch.save(model.state_dict(), os.path.join(out_dir, "single.pth"))
+    torch.save(grads, os.path.join(out_dir, "single_grads.pth"))
+    launch(worker, 2, dist_url="file://" + os.path.join(out_dir, "dist_init"), args=(out_dir,))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
