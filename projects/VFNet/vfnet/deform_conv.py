@@ -115,6 +115,9 @@ class DeformConv2d(nn.Module):
             return deform_conv2d(x, offset, self.weight, self.bias, padding=self.padding, mask=mask)
         from detectron2.layers.deform_conv import deform_conv, modulated_deform_conv
 
+        # Detectron2's kernel is not autocast-aware: run it in the weight's dtype.
+        x, offset = x.to(self.weight.dtype), offset.to(self.weight.dtype)
+        mask = None if mask is None else mask.to(self.weight.dtype)
         if mask is not None:
             return modulated_deform_conv(
                 x, offset, mask, self.weight, self.bias, 1, self.padding, 1, 1, 1
