@@ -1,0 +1,490 @@
+"""
+Convert the state dict of an MMDetection VarifocalNet (``VFNet`` detector: ResNet/ResNeXt
+backbone, FPN neck, ``VFNetHead``) to the parameter names of this project's Detectron2 model.
+
+The mapping is a table of explicit rules (:data:`RULES`), one per parameter family; each
+MMDetection key must match exactly one rule or the conversion is refused. Values are moved
+unchanged, except the per-level scalars of ``bbox_head.scales.i.scale`` and
+``bbox_head.scales_refine.i.scale``, which are stacked into the one (L,) tensor of
+``head.scales`` / ``head.scales_refine``. ``num_batches_tracked`` of the BatchNorm layers is
+dropped (Detectron2's FrozenBatchNorm2d has none).
+
+Conventions verified against MMDetection 3.3.0 (and valid for the 2.x checkpoints of the
+official VarifocalNet release, which use the same names):
+
+* ResNet ``layerN`` (N = 1..4) is Detectron2's ``res{N+1}``; ``bnK`` is ``convK.norm``;
+  ``downsample.0/1`` is ``shortcut`` / ``shortcut.norm``; the stem ``conv1``/``bn1`` is
+  ``stem.conv1`` / ``stem.conv1.norm``.
+* The DCNv2 ``conv2.conv_offset`` (mmcv ``ModulatedDeformConv2dPack``: 27 channels chunked as
+  offset-1, offset-2, mask) is Detectron2's ``conv2_offset`` with the same chunk order.
+* FPN with ``start_level=1``: ``lateral_convs.i`` / ``fpn_convs.i`` (i = 0..2) are
+  ``fpn_lateral{i+3}`` / ``fpn_output{i+3}``; the extra convs ``fpn_convs.3`` / ``fpn_convs.4``
+  (P6 from the P5 output, P7 from ReLU(P6)) are ``top_block.p6`` / ``top_block.p7``.
+* Head towers: ``cls_convs.i`` / ``reg_convs.i`` (mmcv ConvModule: ``.conv``, ``.gn``) are
+  ``cls_tower.i`` / ``reg_tower.i`` (Detectron2 Conv2d with ``.norm``); a DCNv2 tower conv
+  (``dcn_on_last_conv``, keys ``.conv.weight`` + ``.conv.conv_offset.*``) is this project's
+  ``ModulatedDeformConvBlock`` (``.conv.weight``, ``.conv_offset.*``, ``.norm.*``).
+
+This module imports only torch (no Detectron2, no MMDetection).
+"""
+
+import re
+from collections import OrderedDict
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ConversionError",
+    "RULES",
+    "VFNET_MARKER_KEY",
+    "convert_mmdet_to_d2",
+    "convert_key",
+    "describe_mmdet_state_dict",
+    "extract_state_dict",
+    "d2_to_mmdet",
+]
+
+# A checkpoint without this key has no VFNet head.
+VFNET_MARKER_KEY = "bbox_head.vfnet_cls.weight"
+
+_BN = r"(weight|bias|running_mean|running_var)"
+_GN = r"(weight|bias)"
+_WB = r"(weight|bias)"
+
+# What a rule does with the matched key.
+DROP = "drop"  # the tensor has no Detectron2 counterpart and carries no information
+STACK = "stack"  # a per-level scalar, stacked with the other levels into one (L,) tensor
+
+
+class ConversionError(ValueError):
+    """The state dict cannot be converted; the message names the offending key(s)."""
+
+
+def _res(m: "re.Match") -> str:
+    # MMDetection's ResNet layerN (N = 1..4) is Detectron2's res{N+1}.
+    return f"backbone.bottom_up.res{int(m.group(1)) + 1}.{m.group(2)}"
+
+
+# (name, pattern, target). `pattern` must match the whole MMDetection key. `target` is a
+# function of the match giving the Detectron2 key, (STACK, d2_key) for a per-level scalar
+# (group 1 is the level), DROP, or "tower_conv": a tower conv (cls_convs.i / reg_convs.i),
+# whose name depends on whether it is a DCNv2 conv (its `.conv.conv_offset.weight` is in the
+# state dict), see convert_key.
+
+RULES: List[Tuple[str, "re.Pattern", object]] = [
+    # ------------------------------------------------------------------ backbone: stem
+    (
+        "stem conv",
+        re.compile(r"backbone\.conv1\.weight"),
+        lambda m: "backbone.bottom_up.stem.conv1.weight",
+    ),
+    (
+        "stem bn",
+        re.compile(rf"backbone\.bn1\.{_BN}"),
+        lambda m: f"backbone.bottom_up.stem.conv1.norm.{m.group(1)}",
+    ),
+    # ------------------------------------------------------------------ backbone: blocks
+    (
+        "block conv",
+        re.compile(r"backbone\.layer([1-4])\.(\d+)\.conv([123])\.weight"),
+        lambda m: f"{_res(m)}.conv{m.group(3)}.weight",
+    ),
+    (
+        "block bn",
+        re.compile(rf"backbone\.layer([1-4])\.(\d+)\.bn([123])\.{_BN}"),
+        lambda m: f"{_res(m)}.conv{m.group(3)}.norm.{m.group(4)}",
+    ),
+    (
+        "block DCNv2 offset conv",
+        re.compile(rf"backbone\.layer([1-4])\.(\d+)\.conv2\.conv_offset\.{_WB}"),
+        lambda m: f"{_res(m)}.conv2_offset.{m.group(3)}",
+    ),
+    (
+        "shortcut conv",
+        re.compile(r"backbone\.layer([1-4])\.(\d+)\.downsample\.0\.weight"),
+        lambda m: f"{_res(m)}.shortcut.weight",
+    ),
+    (
+        "shortcut bn",
+        re.compile(rf"backbone\.layer([1-4])\.(\d+)\.downsample\.1\.{_BN}"),
+        lambda m: f"{_res(m)}.shortcut.norm.{m.group(3)}",
+    ),
+    (
+        "bn counter",
+        re.compile(
+            r"backbone\.(bn1|layer[1-4]\.\d+\.(bn[123]|downsample\.1))\.num_batches_tracked"
+        ),
+        DROP,
+    ),
+    # ------------------------------------------------------------------ neck (FPN, start_level=1)
+    (
+        "fpn lateral",
+        re.compile(rf"neck\.lateral_convs\.([0-2])\.conv\.{_WB}"),
+        lambda m: f"backbone.fpn_lateral{int(m.group(1)) + 3}.{m.group(2)}",
+    ),
+    (
+        "fpn output",
+        re.compile(rf"neck\.fpn_convs\.([0-2])\.conv\.{_WB}"),
+        lambda m: f"backbone.fpn_output{int(m.group(1)) + 3}.{m.group(2)}",
+    ),
+    (
+        "fpn P6",
+        re.compile(rf"neck\.fpn_convs\.3\.conv\.{_WB}"),
+        lambda m: f"backbone.top_block.p6.{m.group(1)}",
+    ),
+    (
+        "fpn P7",
+        re.compile(rf"neck\.fpn_convs\.4\.conv\.{_WB}"),
+        lambda m: f"backbone.top_block.p7.{m.group(1)}",
+    ),
+    # ------------------------------------------------------------------ head: towers
+    # (mapped by _tower_conv: plain conv -> tower.i.{weight,bias}, DCNv2 -> tower.i.conv.weight)
+    ("tower conv", re.compile(rf"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.{_WB}"), "tower_conv"),
+    (
+        "tower DCNv2 offset conv",
+        re.compile(rf"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.conv_offset\.{_WB}"),
+        lambda m: f"head.{m.group(1)}_tower.{m.group(2)}.conv_offset.{m.group(3)}",
+    ),
+    (
+        "tower gn",
+        re.compile(rf"bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.{_GN}"),
+        lambda m: f"head.{m.group(1)}_tower.{m.group(2)}.norm.{m.group(3)}",
+    ),
+    # ------------------------------------------------------------------ head: initial box
+    (
+        "reg init conv",
+        re.compile(rf"bbox_head\.vfnet_reg_conv\.conv\.{_WB}"),
+        lambda m: f"head.reg_init_conv.{m.group(1)}",
+    ),
+    (
+        "reg init gn",
+        re.compile(rf"bbox_head\.vfnet_reg_conv\.gn\.{_GN}"),
+        lambda m: f"head.reg_init_conv.norm.{m.group(1)}",
+    ),
+    (
+        "reg init",
+        re.compile(rf"bbox_head\.vfnet_reg\.{_WB}"),
+        lambda m: f"head.reg_init.{m.group(1)}",
+    ),
+    ("scales", re.compile(r"bbox_head\.scales\.(\d+)\.scale"), (STACK, "head.scales")),
+    # ------------------------------------------------------------------ head: refinement
+    (
+        "reg refine star dconv",
+        re.compile(r"bbox_head\.vfnet_reg_refine_dconv\.weight"),
+        lambda m: "head.reg_refine_conv.weight",
+    ),
+    (
+        "reg refine",
+        re.compile(rf"bbox_head\.vfnet_reg_refine\.{_WB}"),
+        lambda m: f"head.reg_refine.{m.group(1)}",
+    ),
+    (
+        "scales refine",
+        re.compile(r"bbox_head\.scales_refine\.(\d+)\.scale"),
+        (STACK, "head.scales_refine"),
+    ),
+    # ------------------------------------------------------------------ head: classification
+    (
+        "cls star dconv",
+        re.compile(r"bbox_head\.vfnet_cls_dconv\.weight"),
+        lambda m: "head.cls_conv.weight",
+    ),
+    (
+        "cls score",
+        re.compile(rf"bbox_head\.vfnet_cls\.{_WB}"),
+        lambda m: f"head.cls_score.{m.group(1)}",
+    ),
+]
+
+
+def _dcn_towers(keys) -> set:
+    """(tower, index) of the tower convs that are DCNv2 convs in an MMDetection state dict."""
+    out = set()
+    pat = re.compile(r"bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.conv_offset\.weight")
+    for k in keys:
+        m = pat.fullmatch(k)
+        if m:
+            out.add((m.group(1), m.group(2)))
+    return out
+
+
+def convert_key(key: str, dcn_towers: Optional[set] = None):
+    """
+    Map one MMDetection key.
+
+    Args:
+        key: MMDetection parameter name.
+        dcn_towers: (tower, index) pairs of DCNv2 tower convs, see :func:`_dcn_towers`.
+
+    Returns:
+        ``(rule_name, d2_key)`` for a plain rename, ``(rule_name, (d2_key, level))`` for a
+        per-level scalar to stack, ``(rule_name, None)`` for a dropped key, or ``None`` when no
+        rule matches.
+    """
+    dcn_towers = dcn_towers or set()
+    for name, pattern, target in RULES:
+        m = pattern.fullmatch(key)
+        if m is None:
+            continue
+        if target == DROP:
+            return name, None
+        if target == "tower_conv":
+            tower, idx, param = m.groups()
+            if (tower, idx) in dcn_towers:
+                if param != "weight":
+                    # mmcv's DCNv2 tower conv in a normed tower has no bias, nor has ours.
+                    return None
+                return name, f"head.{tower}_tower.{idx}.conv.weight"
+            return name, f"head.{tower}_tower.{idx}.{param}"
+        if isinstance(target, tuple) and target[0] == STACK:
+            return name, (target[1], int(m.group(1)))
+        return name, target(m)
+    return None
+
+
+def extract_state_dict(checkpoint) -> Dict[str, Tensor]:
+    """
+    The model state dict of a loaded MMDetection checkpoint: ``checkpoint["state_dict"]`` for
+    a training checkpoint (with ``meta``, ``optimizer``, ...), or the checkpoint itself when it
+    is already a mapping of names to tensors.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ConversionError(f"Expected a checkpoint dict, got {type(checkpoint).__name__}.")
+    if "state_dict" in checkpoint:
+        sd = checkpoint["state_dict"]
+        if not isinstance(sd, Mapping):
+            raise ConversionError(
+                f"checkpoint['state_dict'] is a {type(sd).__name__}, not a mapping of tensors."
+            )
+    elif "model" in checkpoint and "__author__" in checkpoint:
+        raise ConversionError(
+            "This is already a Detectron2 checkpoint (keys 'model' and '__author__'); "
+            "load it with DetectionCheckpointer directly."
+        )
+    else:
+        sd = checkpoint
+    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ConversionError(
+            f"The state dict holds non-tensor values, e.g. key '{bad[0]}' "
+            f"({type(sd[bad[0]]).__name__}); {len(bad)} such key(s): {bad[:5]}."
+        )
+    return dict(sd)
+
+
+def convert_mmdet_to_d2(
+    state_dict: Mapping[str, Tensor],
+) -> Tuple["OrderedDict[str, Tensor]", Dict[str, List[str]]]:
+    """
+    Convert an MMDetection VFNet state dict.
+
+    Args:
+        state_dict: MMDetection model state dict (see :func:`extract_state_dict`).
+
+    Returns:
+        converted: Detectron2 names to tensors. Tensors are the input tensors themselves (not
+            copies), except ``head.scales`` and ``head.scales_refine`` (new (L,) tensors).
+        report: ``{"dropped": [...], "stacked": [...]}`` MMDetection keys dropped / stacked.
+
+    Raises:
+        ConversionError: the state dict is not a VFNet's (no ``bbox_head.vfnet_cls.weight``),
+            a key matches no rule, two keys map to the same name, or the per-level scales are
+            not numbered 0..L-1 or not scalars.
+    """
+    if VFNET_MARKER_KEY not in state_dict:
+        heads = sorted({k.split(".")[1] for k in state_dict if k.startswith("bbox_head.")})
+        raise ConversionError(
+            f"Not a VarifocalNet checkpoint: key '{VFNET_MARKER_KEY}' is missing"
+            + (
+                f" (its bbox_head has: {', '.join(heads[:8])})."
+                if heads
+                else " (no bbox_head.* key)."
+            )
+        )
+    dcn_towers = _dcn_towers(state_dict.keys())
+    converted: "OrderedDict[str, Tensor]" = OrderedDict()
+    source: Dict[str, str] = {}
+    stacks: Dict[str, Dict[int, Tuple[str, Tensor]]] = {}
+    report: Dict[str, List[str]] = {"dropped": [], "stacked": []}
+    unknown = []
+    for key, value in state_dict.items():
+        hit = convert_key(key, dcn_towers)
+        if hit is None:
+            unknown.append(key)
+            continue
+        _, target = hit
+        if target is None:
+            report["dropped"].append(key)
+            continue
+        if isinstance(target, tuple):
+            name, level = target
+            stacks.setdefault(name, {})[level] = (key, value)
+            report["stacked"].append(key)
+            continue
+        if target in source:
+            raise ConversionError(f"Keys '{source[target]}' and '{key}' both map to '{target}'.")
+        source[target] = key
+        converted[target] = value
+    if unknown:
+        raise ConversionError(
+            f"{len(unknown)} key(s) of the checkpoint match no conversion rule, first "
+            f"'{unknown[0]}': {unknown[:10]}. Only ResNet/ResNeXt(+DCNv2) + FPN + VFNetHead "
+            "checkpoints of MMDetection are supported."
+        )
+    for name, levels in stacks.items():
+        n = len(levels)
+        if sorted(levels) != list(range(n)):
+            raise ConversionError(
+                f"The per-level scales for '{name}' are numbered {sorted(levels)}, expected "
+                f"0..{n - 1} (keys {[levels[i][0] for i in sorted(levels)]})."
+            )
+        values = []
+        for i in range(n):
+            key, v = levels[i]
+            if v.numel() != 1:
+                raise ConversionError(f"'{key}' has shape {tuple(v.shape)}, expected a scalar.")
+            values.append(v.reshape(()))
+        converted[name] = torch.stack(values)
+    return converted, report
+
+
+def describe_mmdet_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, object]:
+    """
+    Architecture facts read from an MMDetection VFNet state dict, for summaries and for
+    choosing the Detectron2 config: ResNet depth, groups and width per group, DCN stages,
+    DCN in the head towers, number of classes, FPN levels, tower depth.
+    """
+    keys = list(state_dict.keys())
+    blocks = {}
+    for k in keys:
+        m = re.fullmatch(r"backbone\.layer([1-4])\.(\d+)\.conv1\.weight", k)
+        if m:
+            blocks[int(m.group(1))] = max(blocks.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+    per_stage = tuple(blocks.get(i, 0) for i in range(1, 5))
+    depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}.get(per_stage)
+    groups = width = None
+    w = state_dict.get("backbone.layer1.0.conv2.weight")
+    if w is not None:
+        groups = w.shape[0] // w.shape[1]
+        width = w.shape[1]
+    dcn_stages = [
+        i + 1 for i in range(1, 5) if f"backbone.layer{i}.0.conv2.conv_offset.weight" in state_dict
+    ]
+    cls = state_dict.get(VFNET_MARKER_KEY)
+    tower = [re.fullmatch(r"bbox_head\.cls_convs\.(\d+)\..*", k) for k in keys]
+    num_convs = len({m.group(1) for m in tower if m})
+    return {
+        "blocks_per_stage": per_stage,
+        "depth": depth,
+        "num_groups": groups,
+        "width_per_group": width,
+        "deform_stages": [f"res{s}" for s in dcn_stages],
+        "dcn_on_last_conv": bool(_dcn_towers(keys)),
+        "num_classes": None if cls is None else int(cls.shape[0]),
+        "num_convs": num_convs,
+        "num_levels": len([k for k in keys if re.fullmatch(r"bbox_head\.scales\.\d+\.scale", k)]),
+        "head_norm": "GN" if any(".gn." in k for k in keys if k.startswith("bbox_head.")) else "",
+    }
+
+
+# ---------------------------------------------------------------------- inverse (for tests)
+_INVERSE: List[Tuple["re.Pattern", Callable[["re.Match"], str]]] = [
+    (re.compile(r"backbone\.bottom_up\.stem\.conv1\.weight"), lambda m: "backbone.conv1.weight"),
+    (
+        re.compile(rf"backbone\.bottom_up\.stem\.conv1\.norm\.{_BN}"),
+        lambda m: f"backbone.bn1.{m.group(1)}",
+    ),
+    (
+        re.compile(r"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv([123])\.weight"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.conv{m.group(3)}.weight",
+    ),
+    (
+        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv([123])\.norm\.{_BN}"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.bn{m.group(3)}.{m.group(4)}",
+    ),
+    (
+        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv2_offset\.{_WB}"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.conv2.conv_offset.{m.group(3)}",
+    ),
+    (
+        re.compile(r"backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.weight"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.downsample.0.weight",
+    ),
+    (
+        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.norm\.{_BN}"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.downsample.1.{m.group(3)}",
+    ),
+    (
+        re.compile(rf"backbone\.fpn_lateral([3-5])\.{_WB}"),
+        lambda m: f"neck.lateral_convs.{int(m.group(1)) - 3}.conv.{m.group(2)}",
+    ),
+    (
+        re.compile(rf"backbone\.fpn_output([3-5])\.{_WB}"),
+        lambda m: f"neck.fpn_convs.{int(m.group(1)) - 3}.conv.{m.group(2)}",
+    ),
+    (
+        re.compile(rf"backbone\.top_block\.p6\.{_WB}"),
+        lambda m: f"neck.fpn_convs.3.conv.{m.group(1)}",
+    ),
+    (
+        re.compile(rf"backbone\.top_block\.p7\.{_WB}"),
+        lambda m: f"neck.fpn_convs.4.conv.{m.group(1)}",
+    ),
+    (
+        re.compile(rf"head\.(cls|reg)_tower\.(\d+)\.conv_offset\.{_WB}"),
+        lambda m: f"bbox_head.{m.group(1)}_convs.{m.group(2)}.conv.conv_offset.{m.group(3)}",
+    ),
+    (
+        re.compile(r"head\.(cls|reg)_tower\.(\d+)\.conv\.weight"),
+        lambda m: f"bbox_head.{m.group(1)}_convs.{m.group(2)}.conv.weight",
+    ),
+    (
+        re.compile(rf"head\.(cls|reg)_tower\.(\d+)\.norm\.{_GN}"),
+        lambda m: f"bbox_head.{m.group(1)}_convs.{m.group(2)}.gn.{m.group(3)}",
+    ),
+    (
+        re.compile(rf"head\.(cls|reg)_tower\.(\d+)\.{_WB}"),
+        lambda m: f"bbox_head.{m.group(1)}_convs.{m.group(2)}.conv.{m.group(3)}",
+    ),
+    (
+        re.compile(rf"head\.reg_init_conv\.norm\.{_GN}"),
+        lambda m: f"bbox_head.vfnet_reg_conv.gn.{m.group(1)}",
+    ),
+    (
+        re.compile(rf"head\.reg_init_conv\.{_WB}"),
+        lambda m: f"bbox_head.vfnet_reg_conv.conv.{m.group(1)}",
+    ),
+    (re.compile(rf"head\.reg_init\.{_WB}"), lambda m: f"bbox_head.vfnet_reg.{m.group(1)}"),
+    (
+        re.compile(r"head\.reg_refine_conv\.weight"),
+        lambda m: "bbox_head.vfnet_reg_refine_dconv.weight",
+    ),
+    (re.compile(rf"head\.reg_refine\.{_WB}"), lambda m: f"bbox_head.vfnet_reg_refine.{m.group(1)}"),
+    (re.compile(r"head\.cls_conv\.weight"), lambda m: "bbox_head.vfnet_cls_dconv.weight"),
+    (re.compile(rf"head\.cls_score\.{_WB}"), lambda m: f"bbox_head.vfnet_cls.{m.group(1)}"),
+]
+
+
+def d2_to_mmdet(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
+    """
+    Inverse of :func:`convert_mmdet_to_d2` (without ``num_batches_tracked``): Detectron2 names
+    of this project's VFNet to MMDetection's. ``head.scales`` / ``head.scales_refine`` are split
+    into per-level 0-dim tensors. Used to build MMDetection-style state dicts in tests.
+    """
+    out: "OrderedDict[str, Tensor]" = OrderedDict()
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"head\.(scales|scales_refine)", key)
+        if m:
+            for i, v in enumerate(value.unbind(0)):
+                out[f"bbox_head.{m.group(1)}.{i}.scale"] = v
+            continue
+        for pattern, fn in _INVERSE:
+            m = pattern.fullmatch(key)
+            if m:
+                out[fn(m)] = value
+                break
+        else:
+            raise ConversionError(f"No inverse rule for Detectron2 key '{key}'.")
+    return out
