@@ -194,3 +194,29 @@ def test_cuda_and_cpu_deform_conv_paths_agree():
     torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=1e-4, atol=1e-4)
     for g_cpu, g_cuda in zip(grads_cpu, [xc.grad, oc.grad, layer.weight.grad]):
         torch.testing.assert_close(g_cuda.cpu(), g_cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("modulated", [True, False])
+def test_dcn_backbone_runs_and_trains_on_cpu(modulated):
+    import torch.nn.functional as F
+
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "VFNet_R_50_DCN_FPN_MS_2x.yaml"))
+    cfg.merge_from_list(
+        ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEFORM_MODULATED", str(modulated), "MODEL.VFNET.NUM_CLASSES", "3"]
+    )
+    cfg.merge_from_list(["MODEL.RESNETS.STRIDE_IN_1X1", "False"])  # stride 2 in the deformable conv
+    model = build_model(cfg)
+    block = model.backbone.bottom_up.res3[0]
+    x = torch.randn(1, block.conv2.weight.shape[1], 16, 20)
+    zero = torch.zeros(1, 18, 8, 10)
+    # With zero offsets (and a mask of 1), a deformable conv is the plain strided conv.
+    args = (x, zero, torch.ones(1, 9, 8, 10)) if modulated else (x, zero)
+    expected = block.conv2.norm(F.conv2d(x, block.conv2.weight, None, stride=2, padding=1))
+    torch.testing.assert_close(block.conv2(*args), expected, rtol=1e-4, atol=1e-4)
+    model.train()
+    with EventStorage(0):
+        losses = model(batch()[:1])
+    sum(losses.values()).backward()
+    assert block.conv2.weight.grad is not None and torch.isfinite(block.conv2.weight.grad).all()

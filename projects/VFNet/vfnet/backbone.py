@@ -1,19 +1,57 @@
-from detectron2.layers import ShapeSpec
+from torch import Tensor
+from torchvision.ops import deform_conv2d
+
+from detectron2.layers import DeformConv, ModulatedDeformConv, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
+
+
+class _AnyDeviceDeformConv:
+    """
+    Mixin for Detectron2's (Modulated)DeformConv: its CUDA kernel on GPU, torchvision's
+    `deform_conv2d` with the same parameters on CPU, where Detectron2's has no backward (and no
+    modulated forward).
+    """
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor = None) -> Tensor:
+        if x.is_cuda:
+            return super().forward(x, offset) if mask is None else super().forward(x, offset, mask)
+        x = deform_conv2d(
+            x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+        )
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+class AnyDeviceDeformConv(_AnyDeviceDeformConv, DeformConv):
+    pass
+
+
+class AnyDeviceModulatedDeformConv(_AnyDeviceDeformConv, ModulatedDeformConv):
+    pass
 
 
 @BACKBONE_REGISTRY.register()
 def build_vfnet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
     ResNet + FPN on res3-res5 with P6 = conv3x3/s2(P5) and P7 = conv3x3/s2(ReLU(P6)), as the
-    official VarifocalNet (P6 from the P5 *output*, unlike RetinaNet's P6 from C5).
+    official VarifocalNet (P6 from the P5 *output*, unlike RetinaNet's P6 from C5). The
+    deformable convs of the DCN variants (MODEL.RESNETS.DEFORM_ON_PER_STAGE) run on CPU too.
 
     Returns:
         Backbone with outputs p3-p7 (strides 8-128) of MODEL.FPN.OUT_CHANNELS channels.
     """
     bottom_up = build_resnet_backbone(cfg, input_shape)
+    for module in bottom_up.modules():
+        # Same parameters and state, another forward: the class is swapped in place.
+        if type(module) is ModulatedDeformConv:
+            module.__class__ = AnyDeviceModulatedDeformConv
+        elif type(module) is DeformConv:
+            module.__class__ = AnyDeviceDeformConv
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     return FPN(
         bottom_up=bottom_up,
