@@ -19,6 +19,11 @@ setup(
         "Pillow>=9.0",
         "tqdm>=4.29",
         "opencv-python-headless>=4.5",
+        "matplotlib>=3.5",
     ],
-    extras_require={"dev": ["pytest>=7", "hypothesis>=6.0"]},
+    extras_require={
+        # ONNX export: DeformConv (opset 19) runs in onnxruntime releases of 2026 and later.
+        "export": ["onnx>=1.14", "onnxruntime>=1.17"],
+        "dev": ["pytest>=7", "hypothesis>=6.0", "onnx>=1.14", "onnxruntime>=1.17"],
+    },
 )

@@ -1,0 +1,427 @@
+"""
+Export a VFNet to TorchScript and ONNX by tracing it with Detectron2's `TracingAdapter` (the
+"tracing" method of Detectron2's tools/deploy/export_model.py), post-processing included: the
+exported graph takes one image and returns its final detections (score threshold, per-level
+top-k, class-wise NMS and the detections-per-image cut of the config, all inside the graph).
+
+Graph interface (the same for both formats):
+
+* input ``image``: (3, H, W) float32, pixel values 0-255 in ``cfg.INPUT.FORMAT`` channel order
+  (BGR for the project's configs), already resized as Detectron2 does at test time
+  (`ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST)`); any H and W (the graph pads to the
+  backbone's size divisibility itself). One image: no batch dimension.
+* outputs, in this order: ``boxes`` (R, 4) float32 XYXY in the input image's pixels, ``classes``
+  (R,) int64, ``scores`` (R,) float32, sorted by decreasing score, and ``image_size`` (2,) int64
+  (H, W of the input).
+
+The deformable convolutions of the head are traced in the kernel their `impl` names: "sampling"
+(`grid_sample` + `matmul`) exports to plain ONNX operators (GridSample from opset 16, MatMul);
+"torchvision" (`torchvision::deform_conv2d`) exports to the ONNX operator DeformConv (opset 19)
+through the symbolic :func:`register_deform_conv_onnx_symbolic` registers. Detectron2's CUDA kernel
+(the "auto" choice on GPU) is not traceable: pick one of the two before exporting
+(:func:`set_deform_conv_impl`). The deformable convs of a DCN backbone
+(MODEL.RESNETS.DEFORM_ON_PER_STAGE) run torchvision's kernel on the CPU, so such a model is
+traced on the CPU and its ONNX graph holds DeformConv (opset 19) whatever the head's kernel.
+
+ONNX export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``).
+The default exporter of PyTorch >= 2.9 (``dynamo=True``, through `torch.export`) cannot capture
+Detectron2's post-processing: its data-dependent shapes (score threshold, top-k, NMS) meet Python
+branches in `detectron2.structures` (GuardOnDataDependentSymNode).
+"""
+import contextlib
+import json
+import logging
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Union
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from detectron2.export import TracingAdapter
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
+
+from .deform_conv import DeformConv2d
+
+__all__ = [
+    "DEFAULT_ONNX_OPSET",
+    "DEFORM_CONV_ONNX_OPSET",
+    "OUTPUT_NAMES",
+    "ExportedPredictor",
+    "deform_conv_onnx_translation_table",
+    "export_onnx",
+    "export_torchscript",
+    "outputs_to_instances",
+    "register_deform_conv_onnx_symbolic",
+    "resize_for_test",
+    "set_deform_conv_impl",
+    "trace_adapter",
+]
+
+logger = logging.getLogger(__name__)
+
+# GridSample (the "sampling" deformable convs) is in ONNX from opset 16; 17 is the newest opset
+# most runtimes support fully.
+DEFAULT_ONNX_OPSET = 17
+# ONNX DeformConv (the "torchvision" deformable convs) is in ONNX from opset 19.
+DEFORM_CONV_ONNX_OPSET = 19
+INPUT_NAMES = ("image",)
+OUTPUT_NAMES = ("boxes", "classes", "scores", "image_size")
+EXPORTABLE_DEFORM_CONV_IMPLS = ("sampling", "torchvision")
+
+
+def set_deform_conv_impl(model: nn.Module, impl: str) -> int:
+    """
+    Make every deformable conv of the VFNet head of `model` run the kernel `impl` ("sampling" or
+    "torchvision": the weights are the same tensors for all kernels). The deformable convs of a
+    DCN backbone trace as torchvision's on the CPU.
+
+    Returns:
+        the number of deformable convs changed.
+    """
+    if impl not in EXPORTABLE_DEFORM_CONV_IMPLS:
+        raise ValueError(f"Cannot export deformable convs '{impl}': use one of {EXPORTABLE_DEFORM_CONV_IMPLS}.")
+    layers = [m for m in model.modules() if isinstance(m, DeformConv2d)]
+    for m in layers:
+        m.impl = impl
+    return len(layers)
+
+
+def deform_conv_impls(model: nn.Module, device: Optional[torch.device] = None) -> set:
+    """
+    The kernels the deformable convs of `model` run on `device` (default: the model's): those of
+    the head ("sampling", "torchvision", "detectron2"), and of the backbone's DCN stages
+    (MODEL.RESNETS.DEFORM_ON_PER_STAGE): torchvision's on CPU, Detectron2's on GPU.
+    """
+    from detectron2.layers import DeformConv, ModulatedDeformConv
+
+    from .backbone import AnyDeviceDeformConv, AnyDeviceModulatedDeformConv
+
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    cuda = torch.device(device).type == "cuda"
+    impls = set()
+    for m in model.modules():
+        if isinstance(m, DeformConv2d):  # see DeformConv2d._impl
+            impls.add(m.impl if m.impl != "auto" else ("detectron2" if cuda else "sampling"))
+        elif isinstance(m, (AnyDeviceDeformConv, AnyDeviceModulatedDeformConv)):
+            impls.add("detectron2" if cuda else "torchvision")
+        elif isinstance(m, (DeformConv, ModulatedDeformConv)):
+            impls.add("detectron2")
+    return impls
+
+
+def _check_exportable(model: nn.Module) -> set:
+    impls = deform_conv_impls(model)
+    bad = impls - set(EXPORTABLE_DEFORM_CONV_IMPLS)
+    if bad:
+        raise ValueError(
+            f"The model's deformable convs run {sorted(bad)}, which cannot be traced: set "
+            "MODEL.VFNET.DEFORM_CONV_IMPL to 'sampling' or 'torchvision' (or call "
+            "vfnet.export.set_deform_conv_impl) before exporting; a backbone with deformable "
+            "convs (MODEL.RESNETS.DEFORM_ON_PER_STAGE) traces on the CPU only (MODEL.DEVICE cpu), "
+            "with torchvision's kernel."
+        )
+    return impls
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX symbolic of torchvision::deform_conv2d (TorchScript-based exporter)
+# ---------------------------------------------------------------------------------------------
+
+
+def _deform_conv2d_symbolic(
+    g,
+    input,
+    weight,
+    offset,
+    mask,
+    bias,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dilation_h,
+    dilation_w,
+    groups,
+    offset_groups,
+    use_mask,
+):
+    """
+    torchvision::deform_conv2d -> ONNX DeformConv (opset 19). Both take the offsets in the same
+    layout, (N, offset_groups * kH * kW * 2, oH, oW) with (dy, dx) pairs, and the mask as
+    (N, offset_groups * kH * kW, oH, oW); torchvision passes a zero bias when there is none.
+    """
+    from torch.onnx import symbolic_helper
+
+    stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups = (
+        symbolic_helper._get_const(v, "i", name)
+        for v, name in zip(
+            (stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, offset_groups),
+            ("stride_h", "stride_w", "pad_h", "pad_w", "dilation_h", "dilation_w", "groups", "offset_groups"),
+        )
+    )
+    use_mask = symbolic_helper._get_const(use_mask, "b", "use_mask")
+    inputs = [input, weight, offset, bias]
+    if use_mask:
+        inputs.append(mask)
+    return g.op(
+        "DeformConv",
+        *inputs,
+        dilations_i=[dilation_h, dilation_w],
+        group_i=groups,
+        offset_group_i=offset_groups,
+        pads_i=[pad_h, pad_w, pad_h, pad_w],
+        strides_i=[stride_h, stride_w],
+    )
+
+
+def register_deform_conv_onnx_symbolic(opset_version: int = DEFORM_CONV_ONNX_OPSET) -> None:
+    """
+    Register the ONNX symbolic of ``torchvision::deform_conv2d`` (ONNX DeformConv) with
+    PyTorch's TorchScript-based ONNX exporter, for `opset_version` (>= 19) and above.
+    Torchvision registers symbolics for nms and roi_align only.
+    """
+    if opset_version < DEFORM_CONV_ONNX_OPSET:
+        raise ValueError(
+            f"ONNX DeformConv needs opset >= {DEFORM_CONV_ONNX_OPSET}, got {opset_version}."
+        )
+    torch.onnx.register_custom_op_symbolic(
+        "torchvision::deform_conv2d", _deform_conv2d_symbolic, opset_version
+    )
+
+
+def deform_conv_onnx_translation_table() -> dict:
+    """
+    The same mapping for PyTorch's torch.export-based exporter: pass it as
+    ``torch.onnx.export(..., dynamo=True, opset_version=19, custom_translation_table=...)``.
+    For graphs torch.export can capture, e.g. the backbone and head without Detectron2's
+    post-processing (see the module docstring); needs `onnxscript`.
+    """
+    from onnxscript import opset19 as op
+
+    def deform_conv2d(
+        input,
+        weight,
+        offset,
+        mask,
+        bias,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        dilation_h: int,
+        dilation_w: int,
+        groups: int,
+        offset_groups: int,
+        use_mask: bool,
+    ):
+        attrs = dict(
+            dilations=[dilation_h, dilation_w],
+            group=groups,
+            offset_group=offset_groups,
+            pads=[pad_h, pad_w, pad_h, pad_w],
+            strides=[stride_h, stride_w],
+        )
+        if use_mask:
+            return op.DeformConv(input, weight, offset, bias, mask, **attrs)
+        return op.DeformConv(input, weight, offset, bias, **attrs)
+
+    return {torch.ops.torchvision.deform_conv2d.default: deform_conv2d}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing
+# ---------------------------------------------------------------------------------------------
+
+
+def _inference(model: nn.Module, image: Tensor) -> Instances:
+    # The meta-architecture's own forward, post-processing included; without "height"/"width"
+    # the detections are in the coordinates of `image`.
+    return model([{"image": image}])[0]["instances"]
+
+
+def trace_adapter(model: nn.Module, image: Tensor) -> TracingAdapter:
+    """
+    A `TracingAdapter` around `model` (in eval mode) that maps one (3, H, W) image tensor to the
+    flat tuple (boxes, classes, scores, image_size).
+    """
+    _check_exportable(model)
+    model.eval()
+    return TracingAdapter(model, image, _inference).eval()
+
+
+def _check_outputs(adapter: TracingAdapter) -> None:
+    """After tracing: the outputs are the flat Instances (boxes, classes, scores, image_size)."""
+    schema = adapter.outputs_schema
+    if getattr(schema, "keys", None) != ["pred_boxes", "pred_classes", "scores"]:
+        raise RuntimeError(f"Unexpected outputs of the model: {schema}.")
+
+
+@contextlib.contextmanager
+def _quiet_tracing():
+    """
+    Silence the TracerWarnings of Detectron2's asserts and emptiness checks (constant in the
+    trace, harmless), and the deprecation notices of the TorchScript-based exporter.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*torch.meshgrid.*indexing.*")
+        yield
+
+
+def export_torchscript(model: nn.Module, image: Tensor, path: Optional[str] = None) -> torch.jit.ScriptModule:
+    """
+    Trace `model` on `image` ((3, H, W) float tensor, resized for the test) into TorchScript, and
+    save it to `path` when given.
+
+    The traced module runs on the device it was traced on; a model traced with "torchvision"
+    deformable convs needs torchvision's operators loaded (``import torchvision``).
+    """
+    adapter = trace_adapter(model, image)
+    with _quiet_tracing():
+        traced = torch.jit.trace(adapter, (image,), check_trace=False)
+    _check_outputs(adapter)
+    if path is not None:
+        torch.jit.save(traced, path)
+    return traced
+
+
+def export_onnx(
+    model: nn.Module,
+    image: Tensor,
+    path: str,
+    opset_version: Optional[int] = None,
+) -> int:
+    """
+    Trace `model` on `image` into an ONNX file `path` with dynamic height and width.
+
+    Args:
+        opset_version: default :data:`DEFAULT_ONNX_OPSET` (17), or
+            :data:`DEFORM_CONV_ONNX_OPSET` (19) when the model has "torchvision" deformable convs,
+            which export to ONNX DeformConv.
+
+    Returns:
+        the opset used.
+    """
+    impls = _check_exportable(model)
+    if opset_version is None:
+        opset_version = DEFORM_CONV_ONNX_OPSET if "torchvision" in impls else DEFAULT_ONNX_OPSET
+    if "torchvision" in impls:
+        register_deform_conv_onnx_symbolic(opset_version)
+    elif opset_version < 16:
+        raise ValueError(f"The 'sampling' deformable convs need ONNX GridSample: opset >= 16, got {opset_version}.")
+    adapter = trace_adapter(model, image)
+    dynamic_axes = {"image": {1: "height", 2: "width"}}
+    dynamic_axes.update({name: {0: "detections"} for name in OUTPUT_NAMES[:3]})
+    with _quiet_tracing():
+        torch.onnx.export(
+            adapter,
+            (image,),
+            path,
+            dynamo=False,  # see the module docstring
+            opset_version=opset_version,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes,
+        )
+    _check_outputs(adapter)
+    return opset_version
+
+
+# ---------------------------------------------------------------------------------------------
+# Running exported models
+# ---------------------------------------------------------------------------------------------
+
+
+def outputs_to_instances(outputs: Sequence[Union[Tensor, np.ndarray]]) -> Instances:
+    """Instances (pred_boxes, scores, pred_classes) from the flat outputs of an exported VFNet."""
+    boxes, classes, scores, image_size = (torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x) for x in outputs)
+    image_size = tuple(int(s) for s in image_size)
+    return Instances(image_size, pred_boxes=Boxes(boxes.float()), scores=scores.float(), pred_classes=classes.long())
+
+
+class ExportedPredictor:
+    """
+    Run an exported VFNet (``model.ts`` or ``model.onnx``) like Detectron2's `DefaultPredictor`:
+    takes one BGR image (H, W, 3) uint8 array, resizes it as the test does, and returns
+    ``{"instances": Instances}`` in the original image's coordinates.
+
+    Args:
+        path: a ``.ts`` (TorchScript, run with torch) or ``.onnx`` file (run with onnxruntime).
+        min_size_test, max_size_test, input_format: ``cfg.INPUT.{MIN,MAX}_SIZE_TEST`` and
+            ``cfg.INPUT.FORMAT`` of the exported model; default: from ``export_info.json`` next to
+            `path` (written by tools/export_model.py).
+        providers: onnxruntime execution providers (default: CPU).
+        device: where a TorchScript model runs: the device it was exported on (default "cpu").
+    """
+
+    def __init__(
+        self,
+        path: str,
+        min_size_test: Optional[int] = None,
+        max_size_test: Optional[int] = None,
+        input_format: Optional[str] = None,
+        providers: Optional[List[str]] = None,
+        device: str = "cpu",
+    ):
+        info = {}
+        info_path = os.path.join(os.path.dirname(os.path.abspath(path)), "export_info.json")
+        if os.path.isfile(info_path):
+            with open(info_path) as f:
+                info = json.load(f)
+        self.min_size_test = min_size_test or info.get("min_size_test", 800)
+        self.max_size_test = max_size_test or info.get("max_size_test", 1333)
+        self.input_format = input_format or info.get("input_format", "BGR")
+        assert self.input_format in ("BGR", "RGB"), self.input_format
+        self.path = path
+        if path.endswith(".onnx"):
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(path, providers=providers or ["CPUExecutionProvider"])
+            self.ts_model = None
+        else:
+            import torchvision  # noqa: F401  (its operators, for "torchvision" deformable convs)
+
+            self.session = None
+            self.device = torch.device(device)
+            self.ts_model = torch.jit.load(path, map_location=self.device)
+
+    def run(self, image: Tensor) -> Instances:
+        """The detections of the graph on one (3, H, W) float tensor, in its coordinates."""
+        if self.session is not None:
+            outputs = self.session.run(list(OUTPUT_NAMES), {"image": image.detach().cpu().numpy()})
+        else:
+            with torch.no_grad():
+                outputs = [x.cpu() for x in self.ts_model(image.to(self.device))]
+        return outputs_to_instances(outputs)
+
+    def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
+        """Detectron2's model interface (for `inference_on_dataset`): resized images, height/width."""
+        results = []
+        for x in batched_inputs:
+            inst = self.run(x["image"].float())
+            height = x.get("height", inst.image_size[0])
+            width = x.get("width", inst.image_size[1])
+            results.append({"instances": detector_postprocess(inst, height, width)})
+        return results
+
+    def __call__(self, original_image: np.ndarray) -> Dict[str, Instances]:
+        height, width = original_image.shape[:2]
+        image = resize_for_test(original_image, self.min_size_test, self.max_size_test, self.input_format)
+        return self.inference([{"image": image, "height": height, "width": width}])[0]
+
+
+def resize_for_test(original_image: np.ndarray, min_size_test: int, max_size_test: int, input_format: str = "BGR") -> Tensor:
+    """A BGR (H, W, 3) image as the (3, H', W') float tensor the model sees at test time."""
+    import detectron2.data.transforms as T
+
+    if input_format == "RGB":
+        original_image = original_image[:, :, ::-1]
+    aug = T.ResizeShortestEdge([min_size_test, min_size_test], max_size_test)
+    image = aug.get_transform(original_image).apply_image(original_image)
+    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))

@@ -1,0 +1,316 @@
+"""
+Export to TorchScript and ONNX (vfnet/export.py, tools/export_model.py): the deformable-conv
+mappings, and the exported models' detections against the eager model's, with a small
+random-init model whose scores spread (so that it detects things).
+"""
+import glob
+import importlib.util
+import json
+import os
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
+cv2 = pytest.importorskip("cv2")
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+import vfnet  # noqa: E402
+from vfnet import export as E  # noqa: E402
+from vfnet.deform_conv import DeformConv2d  # noqa: E402
+from vfnet.head import ModulatedDeformConvBlock  # noqa: E402
+from vfnet.star_dcn import star_dcn_offsets  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(ROOT, "configs", "Base-VFNet.yaml")
+RACCOON_IMAGES = "/work/shared/datasets/raccoon/images"
+SMALL = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "MODEL.VFNET.NUM_CLASSES", "3",
+    # DCNv2 last tower convs too: the exported graphs hold modulated deformable convs as well.
+    "MODEL.VFNET.DCN_ON_LAST_CONV", "True",
+    "MODEL.VFNET.TEST_SCORE_THRESH", "0.6",
+    "INPUT.MIN_SIZE_TEST", "128",
+    "INPUT.MAX_SIZE_TEST", "192",
+]  # fmt: skip
+MIN_SIZE, MAX_SIZE = 128, 192
+
+
+def onnx_modules():
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    return onnx, ort
+
+
+def small_cfg(*opts):
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(BASE_CONFIG)
+    cfg.merge_from_list(SMALL + ["MODEL.WEIGHTS", ""] + list(opts))
+    return cfg
+
+
+def spread_scores(model):
+    """Random-init scores are all ~prior_prob: spread them over (0, 1) and move the DCNv2 offsets."""
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.head.cls_score.weight, std=0.2)
+    torch.nn.init.zeros_(model.head.cls_score.bias)
+    for m in model.modules():
+        if isinstance(m, ModulatedDeformConvBlock):
+            torch.nn.init.normal_(m.conv_offset.weight, std=0.01)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = spread_scores(build_model(small_cfg()))
+    path = tmp_path_factory.mktemp("export_ckpt")
+    DetectionCheckpointer(model, save_dir=str(path)).save("random")
+    return str(path / "random.pth")
+
+
+def load_model(checkpoint, impl):
+    model = build_model(small_cfg("MODEL.VFNET.DEFORM_CONV_IMPL", impl))
+    DetectionCheckpointer(model).load(checkpoint)
+    return model.eval()
+
+
+def eager_predictions(model, image_bgr):
+    """What DefaultPredictor returns: the detections in the original image's coordinates."""
+    h, w = image_bgr.shape[:2]
+    x = E.resize_for_test(image_bgr, MIN_SIZE, MAX_SIZE)
+    with torch.no_grad():
+        return model([{"image": x, "height": h, "width": w}])[0]["instances"]
+
+
+def assert_same_detections(eager, exported):
+    assert eager.image_size == exported.image_size
+    assert len(eager) == len(exported) > 0
+    assert torch.equal(eager.pred_classes, exported.pred_classes)
+    torch.testing.assert_close(exported.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=0, atol=1e-3)
+    torch.testing.assert_close(exported.scores, eager.scores, rtol=0, atol=1e-4)
+
+
+# -------------------------------------------------------------------------------------------------
+# The deformable convolutions alone
+# -------------------------------------------------------------------------------------------------
+
+
+class StarDeformConv(torch.nn.Module):
+    """A VFNet star deformable conv (optionally modulated) on random distances."""
+
+    def __init__(self, impl, modulated):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = DeformConv2d(8, 6, 3, padding=1, bias=True, impl=impl)
+        torch.nn.init.normal_(self.conv.bias)
+        self.modulated = modulated
+
+    def forward(self, x, distances):
+        offsets = star_dcn_offsets(distances, 0.1, 8)
+        mask = torch.sigmoid(distances[:, :1].repeat(1, 9, 1, 1) / 20) if self.modulated else None
+        return self.conv(x, offsets, mask)
+
+
+def star_inputs(h=7, w=9):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(1, 8, h, w, generator=g), torch.rand(1, 4, h, w, generator=g) * 40
+
+
+def run_onnx(ort, path, inputs):
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})[0]
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["dcn", "dcnv2"])
+def test_torchvision_deform_conv_exports_to_onnx_deformconv(tmp_path, modulated):
+    onnx, ort = onnx_modules()
+    module = StarDeformConv("torchvision", modulated).eval()
+    E.register_deform_conv_onnx_symbolic(19)
+    path = str(tmp_path / "dcn.onnx")
+    x, d = star_inputs()
+    with E._quiet_tracing():
+        torch.onnx.export(
+            module, (x, d), path, dynamo=False, opset_version=19, input_names=["x", "d"],
+            dynamic_axes={"x": {2: "h", 3: "w"}, "d": {2: "h", 3: "w"}},
+        )  # fmt: skip
+    nodes = [n for n in onnx.load(path).graph.node if n.op_type == "DeformConv"]
+    assert len(nodes) == 1 and len(nodes[0].input) == (5 if modulated else 4)
+    attrs = {a.name: list(a.ints) or a.i for a in nodes[0].attribute}
+    assert attrs["pads"] == [1, 1, 1, 1] and attrs["strides"] == [1, 1] and attrs["dilations"] == [1, 1]
+    for h, w in [(7, 9), (5, 12)]:  # dynamic sizes
+        x, d = star_inputs(h, w)
+        expected = module(x, d).detach().numpy()
+        np.testing.assert_allclose(run_onnx(ort, path, (x, d)), expected, rtol=0, atol=1e-4)
+
+
+def test_sampling_deform_conv_exports_to_plain_onnx_ops(tmp_path):
+    onnx, ort = onnx_modules()
+    module = StarDeformConv("sampling", True).eval()
+    path = str(tmp_path / "sampling.onnx")
+    x, d = star_inputs()
+    with E._quiet_tracing():
+        torch.onnx.export(module, (x, d), path, dynamo=False, opset_version=E.DEFAULT_ONNX_OPSET)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"GridSample", "MatMul"} <= ops and "DeformConv" not in ops
+    reference = StarDeformConv("torchvision", True).eval()
+    np.testing.assert_allclose(run_onnx(ort, path, (x, d)), reference(x, d).detach().numpy(), rtol=0, atol=1e-4)
+
+
+def test_deform_conv_translation_table_for_the_dynamo_exporter(tmp_path):
+    onnx, ort = onnx_modules()
+    pytest.importorskip("onnxscript", reason="onnxscript (the dynamo exporter's) is not installed")
+    module = StarDeformConv("torchvision", True).eval()
+    path = str(tmp_path / "dynamo.onnx")
+    x, d = star_inputs()
+    program = torch.onnx.export(
+        module, (x, d), dynamo=True, opset_version=19, verbose=False,
+        custom_translation_table=E.deform_conv_onnx_translation_table(),
+    )  # fmt: skip
+    program.save(path)
+    assert "DeformConv" in {n.op_type for n in onnx.load(path).graph.node}
+    np.testing.assert_allclose(run_onnx(ort, path, (x, d)), module(x, d).detach().numpy(), rtol=0, atol=1e-4)
+
+
+def test_untraceable_deform_conv_kernels_are_refused(tmp_path):
+    model = build_model(small_cfg("MODEL.VFNET.DEFORM_CONV_IMPL", "detectron2")).eval()
+    with pytest.raises(ValueError, match="DEFORM_CONV_IMPL"):
+        E.export_torchscript(model, torch.zeros(3, 64, 64))
+    assert E.set_deform_conv_impl(model, "torchvision") == 4  # 2 star convs + 2 DCNv2 tower convs
+    with pytest.raises(ValueError, match="opset"):
+        E.export_onnx(model, torch.zeros(3, 64, 64), str(tmp_path / "m.onnx"), opset_version=17)
+
+
+# -------------------------------------------------------------------------------------------------
+# Whole models on real images
+# -------------------------------------------------------------------------------------------------
+
+
+def raccoon_images():
+    paths = sorted(glob.glob(os.path.join(RACCOON_IMAGES, "*.jpg")))[:4]
+    if len(paths) < 4:
+        pytest.skip(f"the raccoon images are not at {RACCOON_IMAGES}")
+    return [cv2.imread(p) for p in paths]
+
+
+@pytest.mark.parametrize(
+    "fmt, impl",
+    [("torchscript", "sampling"), ("onnx", "sampling"), ("onnx", "torchvision")],
+)
+def test_exported_model_matches_eager_on_real_images(checkpoint, tmp_path, fmt, impl):
+    if fmt == "onnx":
+        onnx, _ = onnx_modules()
+    images = raccoon_images()
+    model = load_model(checkpoint, impl)
+    path = str(tmp_path / ("model.ts" if fmt == "torchscript" else "model.onnx"))
+    # Traced on one image, run on three others of other sizes and aspect ratios.
+    sample = E.resize_for_test(images[0], MIN_SIZE, MAX_SIZE)
+    if fmt == "torchscript":
+        E.export_torchscript(model, sample, path)
+    else:
+        opset = E.export_onnx(model, sample, path)
+        ops = {n.op_type for n in onnx.load(path).graph.node}
+        assert opset == (19 if impl == "torchvision" else 17)
+        assert ("DeformConv" in ops) == (impl == "torchvision")
+    predictor = E.ExportedPredictor(path, min_size_test=MIN_SIZE, max_size_test=MAX_SIZE)
+    sizes = set()
+    for image in images[1:]:
+        eager = eager_predictions(model, image)
+        exported = predictor(image)["instances"]
+        assert exported.image_size == image.shape[:2]
+        assert_same_detections(eager, exported)
+        sizes.add(E.resize_for_test(image, MIN_SIZE, MAX_SIZE).shape)
+    assert len(sizes) > 1
+
+
+def test_dcn_backbone_exports_to_onnx_deformconv(tiny_dataset, tmp_path):
+    """The DCN configs: modulated deformable convs in res3-res5 (torchvision's on the CPU)."""
+    onnx, _ = onnx_modules()
+    torch.manual_seed(0)
+    cfg = small_cfg(
+        "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.WIDTH_PER_GROUP", "8",
+        "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, True]",
+        "MODEL.RESNETS.DEFORM_MODULATED", "True",
+    )  # fmt: skip
+    model = spread_scores(build_model(cfg)).eval()
+    assert E.deform_conv_impls(model) == {"sampling", "torchvision"}
+    path = str(tmp_path / "model.onnx")
+    sample, image = (cv2.imread(str(tiny_dataset / f"img{i}.png")) for i in range(2))
+    assert E.export_onnx(model, E.resize_for_test(sample, MIN_SIZE, MAX_SIZE), path) == 19
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("DeformConv") == 13 and "GridSample" in ops  # 4 + 6 + 3 blocks; the head
+    predictor = E.ExportedPredictor(path, min_size_test=MIN_SIZE, max_size_test=MAX_SIZE)
+    assert_same_detections(eager_predictions(model, image), predictor(image)["instances"])
+
+
+# -------------------------------------------------------------------------------------------------
+# tools/export_model.py
+# -------------------------------------------------------------------------------------------------
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("export_model", os.path.join(ROOT, "tools", "export_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """Two synthetic images with one box each, as a COCO-format dataset."""
+    root = tmp_path_factory.mktemp("export_data")
+    rng = np.random.RandomState(0)
+    images, annotations = [], []
+    for i, (h, w) in enumerate([(120, 180), (150, 110)]):
+        image = rng.randint(0, 256, (h, w, 3), dtype=np.uint8)
+        image[20:70, 30:90] = (40, 180, 220)
+        cv2.imwrite(str(root / f"img{i}.png"), image)
+        images.append({"id": i + 1, "file_name": f"img{i}.png", "height": h, "width": w})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [30, 20, 60, 50], "area": 3000, "iscrowd": 0})
+    categories = [{"id": 1, "name": "box"}, {"id": 2, "name": "disc"}, {"id": 3, "name": "star"}]
+    with open(root / "tiny.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_model_tool(checkpoint, tiny_dataset, tmp_path, fmt):
+    if fmt == "onnx":
+        onnx_modules()
+    out = tmp_path / "exported"
+    argv = [
+        "--config-file", BASE_CONFIG, "--format", fmt, "--output", str(out),
+        "--sample-image", str(tiny_dataset / "img0.png"),
+        "--dataset", f"vfnet_tiny_export={tiny_dataset / 'tiny.json'}:{tiny_dataset}",
+        *SMALL, "MODEL.WEIGHTS", checkpoint, "DATASETS.TEST", "('vfnet_tiny_export',)",
+    ]  # fmt: skip
+    if fmt == "onnx":
+        argv.insert(0, "--run-eval")
+    result = load_tool().main(argv)
+
+    filename = "model.ts" if fmt == "torchscript" else "model.onnx"
+    assert os.path.isfile(out / filename)
+    with open(out / "export_info.json") as f:
+        info = json.load(f)
+    assert info["file"] == filename and info["outputs"] == ["boxes", "classes", "scores", "image_size"]
+    assert info["class_names"] == ["box", "disc", "star"]
+    assert (info["min_size_test"], info["max_size_test"], info["input_format"]) == (MIN_SIZE, MAX_SIZE, "BGR")
+    assert info["deform_conv"] == "sampling" and info["deform_conv_kernels"] == ["sampling"]
+    if fmt == "onnx":
+        assert info["onnx_opset"] == 17
+        assert "bbox" in result and "AP" in result["bbox"]
+
+    # The exported model reads its test resize from export_info.json.
+    predictor = E.ExportedPredictor(str(out / filename))
+    model = load_model(checkpoint, "sampling")
+    image = cv2.imread(str(tiny_dataset / "img1.png"))
+    assert_same_detections(eager_predictions(model, image), predictor(image)["instances"])
