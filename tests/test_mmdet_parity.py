@@ -167,28 +167,11 @@ def test_atss_matcher_matches_mmdet_assigner_with_ties():
 
 
 @torch.no_grad()
-def test_postprocessing_parity_with_empty_box_filter():
-    """
-    With boxes that clipping makes empty, both post-processings agree once empty boxes are
-    dropped before NMS (the change proposed for VFNet.inference_single_image, applied here to
-    the model instance only).
-    """
-    r = mp.postprocess_edge_case_report(3, patch_model=True)
+def test_postprocessing_parity_with_boxes_clipped_to_empty():
+    """Boxes that clipping makes empty are dropped before NMS on both sides."""
+    r = mp.postprocess_edge_case_report(3)
     n_d2, n_mm = r.facts["detections (d2, mmdet)"]
     assert n_d2 == n_mm == 100
     assert r.facts["same classes"]
     for _, name, abs_, _ in r.rows:
         assert abs_ <= 1e-5, name
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="VFNet.inference_single_image keeps boxes that clipping made empty through NMS and "
-    "the 100-per-image cap (detector_postprocess drops them afterwards); MMDetection drops them "
-    "before NMS (test_cfg.min_bbox_size=0). Remove this marker once the model filters them.",
-)
-@torch.no_grad()
-def test_postprocessing_parity_as_is():
-    r = mp.postprocess_edge_case_report(3, patch_model=False)
-    n_d2, n_mm = r.facts["detections (d2, mmdet)"]
-    assert n_d2 == n_mm

@@ -782,35 +782,8 @@ def synthetic_predictions(
     return logits, distances, shapes
 
 
-def filter_empty_before_nms(model):
-    """
-    The proposed change to VFNet.inference_single_image, applied to one model instance:
-    drop the boxes that clipping made empty before NMS (MMDetection's min_bbox_size=0).
-    """
-    from detectron2.layers import batched_nms
-
-    def inference_single_image(self, anchors, scores, distances, image_size):
-        pred = self._decode_multi_level_predictions(
-            anchors,
-            scores,
-            distances,
-            self.test_score_thresh,
-            self.test_topk_candidates,
-            image_size,
-        )
-        pred.pred_boxes.clip(image_size)
-        pred = pred[pred.pred_boxes.nonempty()]
-        keep = batched_nms(
-            pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
-        )
-        return pred[keep[: self.max_detections_per_image]]
-
-    model.inference_single_image = types.MethodType(inference_single_image, model)
-    return model
-
-
 @torch.no_grad()
-def postprocess_edge_case_report(num_classes: int = 3, patch_model: bool = False) -> Report:
+def postprocess_edge_case_report(num_classes: int = 3) -> Report:
     """
     The same synthetic head outputs through both post-processings (Detectron2's
     forward_inference + detector_postprocess, MMDetection's predict_by_feat), image 100x150
@@ -831,8 +804,6 @@ def postprocess_edge_case_report(num_classes: int = 3, patch_model: bool = False
         dict(cfg.model.bbox_head, test_cfg=cfg.model.test_cfg, train_cfg=cfg.model.train_cfg)
     ).eval()
     model = build_model(d2_cfg(VARIANTS["r50"][1], num_classes)).eval()
-    if patch_model:
-        filter_empty_before_nms(model)
     (h, w), padded = (100, 150), (128, 160)
     logits, distances, shapes = synthetic_predictions(num_classes, (h, w), padded)
     images = ImageList(torch.zeros(1, 3, *padded), [(h, w)])
@@ -974,13 +945,9 @@ def main(argv=None):
             f"(num_classes={args.num_classes}, seed={args.seed})"
         )
         print(report.table())
-    for patch in (False, True):
-        r = postprocess_edge_case_report(args.num_classes, patch_model=patch)
-        print(
-            "\n=== post-processing edge case (boxes clipped to empty), Detectron2 model "
-            + ("WITH the proposed empty-box filter before NMS" if patch else "as is")
-        )
-        print(r.table())
+    r = postprocess_edge_case_report(args.num_classes)
+    print("\n=== post-processing edge case (boxes clipped to empty)")
+    print(r.table())
     if args.pipelines:
         print("\n=== preprocessing (MMDetection test pipeline vs Detectron2 DatasetMapper)")
         for k, v in pipeline_report(args.image).items():

@@ -9,16 +9,28 @@ Train and evaluate VarifocalNet with Detectron2's DefaultTrainer.
         --dataset mine_val=val.json:images/ DATASETS.TRAIN "('mine_train',)" \
         DATASETS.TEST "('mine_val',)" MODEL.VFNET.NUM_CLASSES 3
 """
+import difflib
 import logging
 import os
+import re
+import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import vfnet
+from vfnet.checkpoint import VFNetCheckpointer, load_for_evaluation
+from vfnet.data.mapper import VFNetDatasetMapper
 
 _create_ddp_model = d2_defaults.create_ddp_model
 
@@ -37,12 +49,80 @@ def create_ddp_model(model, **kwargs):
 d2_defaults.create_ddp_model = create_ddp_model
 
 
+class VFNetCOCOEvaluator(COCOEvaluator):
+    """COCOEvaluator whose metrics are 0, not NaN, when the model predicts nothing."""
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        results = super()._derive_coco_results(coco_eval, iou_type, class_names)
+        if coco_eval is None:
+            self._logger.warning(
+                f"The model made no {iou_type} prediction with a score above its threshold on "
+                f"'{self._metadata.name}': its {iou_type} AP is 0."
+            )
+            results = dict.fromkeys(results, 0.0)
+        return results
+
+
+def check_datasets(cfg, keys=("TRAIN", "TEST")):
+    """
+    Refuse a dataset of DATASETS.TRAIN or DATASETS.TEST (`keys`) that is not registered, or
+    whose number of classes (its metadata's thing_classes) is not the model's NUM_CLASSES.
+    """
+    registered = set(DatasetCatalog.list())
+    # The config node that holds the model's number of classes (train_net also trains
+    # Detectron2's RetinaNet, for comparisons).
+    head = {"VFNet": "VFNET", "RetinaNet": "RETINANET"}.get(cfg.MODEL.META_ARCHITECTURE, "VFNET")
+    for key in keys:
+        for name in cfg.DATASETS[key]:
+            if name not in registered:
+                raise KeyError(
+                    f"DATASETS.{key} names dataset '{name}', which is not registered. Register a "
+                    f"COCO-format dataset with --dataset {name}=JSON:IMAGE_DIR, or use a name "
+                    f"registered by Detectron2 or vfnet (e.g. coco_2017_val, vfnet_shapes_val)."
+                )
+            classes = MetadataCatalog.get(name).get("thing_classes")
+            if classes is not None and len(classes) != cfg.MODEL[head].NUM_CLASSES:
+                raise ValueError(
+                    f"MODEL.{head}.NUM_CLASSES is {cfg.MODEL[head].NUM_CLASSES}, but dataset "
+                    f"'{name}' (DATASETS.{key}) has {len(classes)} classes: {classes[:10]}"
+                    f"{' ...' if len(classes) > 10 else ''}. Set MODEL.{head}.NUM_CLASSES "
+                    f"{len(classes)}."
+                )
+
+
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        check_datasets(cfg)
+        super().__init__(cfg)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ builds its DetectionCheckpointer just before it calls
+        # build_hooks: replace it before the PeriodicCheckpointer hook takes it.
+        self.checkpointer = VFNetCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=VFNetDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=VFNetDatasetMapper(cfg, is_train=False)
+        )
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return VFNetCOCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        check_datasets(cfg, keys=("TEST",))
+        return super().test(cfg, model, evaluators)
 
 
 def add_dataset_argument(parser):
@@ -56,27 +136,55 @@ def add_dataset_argument(parser):
     return parser
 
 
+def _config_keys(cfg, prefix=""):
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            yield from _config_keys(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def merge_config(cfg, config_file, opts):
+    """
+    `cfg.merge_from_file(config_file)` then `cfg.merge_from_list(opts)`; a key that does not
+    exist raises a KeyError that names it, where it comes from and the nearest existing keys.
+    """
+    for source, merge in (
+        (f"config file '{config_file}'", lambda: cfg.merge_from_file(config_file)),
+        ("command line", lambda: cfg.merge_from_list(opts)),
+    ):
+        try:
+            merge()
+        except (KeyError, AssertionError) as e:  # yacs raises either, depending on the source
+            found = re.search(r"Non-existent (?:config )?key: (\S+?)'?$", str(e))
+            if not found:
+                raise
+            key = found.group(1)
+            close = difflib.get_close_matches(key, list(_config_keys(cfg)), n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise KeyError(f"Config key {key} ({source}) does not exist.{hint}") from None
+
+
 def setup(args):
     cfg = get_cfg()
     vfnet.add_vfnet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vfnet")
     return cfg
 
 
 def main(args):
-    # Registered in every worker process: launch() starts them fresh.
-    for spec in args.dataset:
-        vfnet.register_coco_dataset(spec)
     cfg = setup(args)
+    # Registered in every worker process (launch() starts them fresh); the image files are
+    # checked once.
+    for spec in args.dataset:
+        vfnet.register_coco_dataset(spec, check_files=comm.is_main_process())
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        load_for_evaluation(model, cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, resume=args.resume)
         return Trainer.test(cfg, model)
 
     trainer = Trainer(cfg)

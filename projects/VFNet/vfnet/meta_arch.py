@@ -3,7 +3,7 @@ VarifocalNet (Zhang et al., "VarifocalNet: An IoU-aware Dense Object Detector", 
 Detectron2 dense detector.
 """
 import logging
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 import torch
 import torch.distributed as dist
 from fvcore.nn import sigmoid_focal_loss_jit
@@ -38,6 +38,20 @@ def mean_over_workers(value: Tensor) -> float:
         dist.all_reduce(value)
         value = value / world_size
     return float(value)
+
+
+def check_losses_are_finite(losses: Dict[str, Tensor]) -> None:
+    """Raise a FloatingPointError that names the non-finite losses and the training iteration."""
+    if torch.isfinite(torch.stack([v.detach() for v in losses.values()])).all():
+        return
+    bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+    values = ", ".join(f"{k} {float(v):.4g}" for k, v in losses.items())
+    raise FloatingPointError(
+        f"Loss {' and '.join(bad)} became {float(losses[bad[0]])} at iteration "
+        f"{get_event_storage().iter} ({values}). Training diverged (lower SOLVER.BASE_LR, "
+        "lengthen SOLVER.WARMUP_ITERS, or set SOLVER.CLIP_GRADIENTS.ENABLED True), or a batch "
+        "holds a non-finite input; --resume continues from the last checkpoint."
+    )
 
 
 @META_ARCH_REGISTRY.register()
@@ -161,7 +175,9 @@ class VFNet(DenseDetector):
         )
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
-        return self.losses(anchors, logits, boxes_init, boxes_refine, gt_labels, gt_boxes)
+        losses = self.losses(anchors, logits, boxes_init, boxes_refine, gt_labels, gt_boxes)
+        check_losses_are_finite(losses)
+        return losses
 
     @torch.no_grad()
     def label_anchors(
@@ -282,6 +298,9 @@ class VFNet(DenseDetector):
             image_size,
         )
         pred.pred_boxes.clip(image_size)
+        # Boxes clipped to nothing are dropped before NMS (as the official post-processing does),
+        # so that they take no place among the detections kept.
+        pred = pred[pred.pred_boxes.nonempty()]
         keep = batched_nms(
             pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
         )

@@ -2,13 +2,20 @@
 Dataset registration with Detectron2: the embedded synthetic shapes dataset and users' own
 COCO-format datasets given on the command line as NAME=JSON:IMAGE_DIR.
 """
+import atexit
+import json
+import logging
 import os
-from typing import Optional
+import tempfile
+from typing import Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 
 from .shapes import SHAPE_CLASSES, ensure_shapes_dataset
+from .validation import check_image_files, clean_coco_dict, load_coco_dict
+
+logger = logging.getLogger(__name__)
 
 SHAPES_DATASETS = {"vfnet_shapes_train": "train", "vfnet_shapes_val": "val"}
 
@@ -39,10 +46,40 @@ def register_shapes_datasets(root: Optional[str] = None) -> None:
         )
 
 
-def register_coco_dataset(spec: str) -> str:
+def _report_cleaning(name: str, json_file: str, actions: Dict[str, List], total: int) -> None:
+    """Log what cleaning did to the `total` annotations: drops and clips warn, fills inform."""
+    for action, ids in sorted(actions.items()):
+        shown = ", ".join(str(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+        log = logger.info if action.startswith("filled") else logger.warning
+        log(
+            f"Dataset '{name}' ('{json_file}'): {action}: {len(ids)} of {total} annotations "
+            f"(ids {shown})."
+        )
+
+
+def _write_temporary_json(coco: dict, name: str) -> str:
+    """Write a dataset to a JSON file that is removed when the process exits."""
+    fd, path = tempfile.mkstemp(prefix=f"vfnet_{name}_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(coco, f)
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+    return path
+
+
+def register_coco_dataset(spec: str, check_files: bool = True) -> str:
     """
     Register a COCO-format dataset from a "NAME=JSON:IMAGE_DIR" string (the `--dataset` option
     of the project's tools). Class names come from the JSON's categories.
+
+    The JSON is checked and cleaned now (see :mod:`vfnet.data.validation`): a broken dataset
+    raises a :class:`DatasetError` naming the file, entry and key at fault; invalid boxes are
+    dropped or clipped with a warning that counts them. When cleaning changed anything, the
+    dataset is loaded (with Detectron2's `load_coco_json`) and evaluated from a cleaned copy of
+    the JSON, so that training and evaluation see the same boxes.
+
+    Args:
+        check_files: also check that every image file exists, is a complete image and has the
+            size of the JSON (see :func:`check_image_files`).
 
     Returns:
         the dataset name.
@@ -57,10 +94,33 @@ def register_coco_dataset(spec: str) -> str:
         raise FileNotFoundError(f"--dataset '{spec}': image directory '{image_root}' does not exist.")
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
-        if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
+        if meta.get("source_json_file") == json_file and meta.get("image_root") == image_root:
             return name
         raise ValueError(
             f"--dataset '{spec}': a different dataset named '{name}' is already registered."
         )
-    register_coco_instances(name, {}, json_file, image_root)
+
+    coco = load_coco_dict(json_file)
+    total = len(coco.get("annotations", []))
+    coco, actions = clean_coco_dict(coco, json_file)
+    _report_cleaning(name, json_file, actions, total)
+    if not coco.get("annotations"):
+        logger.warning(
+            f"Dataset '{name}' ('{json_file}') has no annotations: it cannot be trained on, "
+            "and its AP is undefined (NaN); the model's predictions on it are still written."
+        )
+    if check_files:
+        check_image_files(coco["images"], image_root, name)
+
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    register_coco_instances(
+        name, {}, _write_temporary_json(coco, name) if actions else json_file, image_root
+    )
+    # What `load_coco_json` sets when it loads the dataset, known now for the checks of the
+    # number of classes.
+    MetadataCatalog.get(name).set(
+        source_json_file=json_file,
+        thing_classes=[c["name"] for c in categories],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
+    )
     return name

@@ -1,0 +1,452 @@
+"""
+Runs: checkpoints that an interrupted write cannot corrupt, a run killed with SIGKILL that
+resumes exactly, clear errors for --eval-only weights, config keys, dataset names and
+NUM_CLASSES, evaluation of a model that predicts nothing, and unusual images through
+tools/train_net.py end to end.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+
+import vfnet  # noqa: E402
+from vfnet import checkpoint as vfnet_checkpoint  # noqa: E402
+from vfnet.checkpoint import CheckpointError, VFNetCheckpointer, load_for_evaluation  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import train_net  # noqa: E402
+
+RACCOON_IMAGES = "/work/shared/datasets/raccoon/images"
+TINY = [
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.STEPS", "(4,)",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96",
+    "SEED", "7",
+]  # fmt: skip
+
+
+def train_net_cmd(output_dir, *args):
+    return [
+        sys.executable, os.path.join(ROOT, "tools", "train_net.py"),
+        "--config-file", os.path.join(ROOT, "configs", "VFNet_Shapes_Demo.yaml"),
+        *args, *TINY, "OUTPUT_DIR", str(output_dir),
+    ]  # fmt: skip
+
+
+def run(output_dir, *args):
+    proc = subprocess.run(
+        train_net_cmd(output_dir, *args), capture_output=True, text=True, timeout=300
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return log
+
+
+def small_model(num_classes=3):
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "Base-VFNet.yaml"))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+        "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.VFNET.NUM_CLASSES", str(num_classes),
+    ])  # fmt: skip
+    return build_model(cfg)
+
+
+def write_dataset(root, sizes, name):
+    """
+    Write the COCO JSON of images {file_name: (width, height)} in `root`, one box per image, one
+    category; returns its --dataset spec.
+    """
+    entries, annotations = [], []
+    for i, (file_name, (width, height)) in enumerate(sorted(sizes.items()), start=1):
+        entries.append({"id": i, "file_name": file_name, "width": width, "height": height})
+        box = [width * 0.2, height * 0.2, width * 0.5, height * 0.6]
+        annotations.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 1,
+                "bbox": box,
+                "area": box[2] * box[3],
+                "iscrowd": 0,
+            }
+        )
+    coco = {
+        "images": entries,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (root / f"{name}.json").write_text(json.dumps(coco))
+    return f"{name}={root / f'{name}.json'}:{root}"
+
+
+def pattern(height, width):
+    """A noisy background with a rectangle: (H, W, 3) uint8."""
+    rng = np.random.default_rng(0)
+    image = np.full((height, width, 3), 40, np.uint8) + rng.integers(
+        0, 30, (height, width, 3), dtype=np.uint8
+    )
+    image[height // 5 : height * 4 // 5, width // 5 : width * 7 // 10] = (200, 60, 90)
+    return image
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    checkpointer = VFNetCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def killed_torch_save(data, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # as a signal would, mid-write
+
+    monkeypatch.setattr(vfnet_checkpoint.torch, "save", killed_torch_save)
+    with torch.no_grad():
+        model.weight.add_(1)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_0000003")
+    monkeypatch.undo()
+
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    VFNetCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    torch.testing.assert_close(model.state_dict(), saved)
+
+
+def test_a_tmp_file_left_by_a_killed_save_is_never_read(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    checkpointer = VFNetCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001")
+    (tmp_path / "model_0000003.pth.tmp").write_bytes(b"half")  # what SIGKILL mid-save leaves
+    (tmp_path / "last_checkpoint.tmp").write_bytes(b"model_00")
+    assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000001.pth")
+    assert checkpointer.get_all_checkpoint_files() == [str(tmp_path / "model_0000001.pth")]
+    checkpointer.save("model_0000003")  # the next save replaces the leftovers
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint",
+        "model_0000001.pth",
+        "model_0000003.pth",
+    ]
+
+
+# --- --eval-only weights ----------------------------------------------------------------------
+
+
+def test_eval_only_without_weights_is_refused(tmp_path):
+    with pytest.raises(
+        CheckpointError,
+        match=r"No weights to evaluate: MODEL.WEIGHTS is empty and "
+        rf"OUTPUT_DIR '{tmp_path}' has no last_checkpoint",
+    ):
+        load_for_evaluation(small_model(), "", str(tmp_path), resume=True)
+
+
+def test_eval_only_with_a_missing_checkpoint_names_it(tmp_path):
+    path = str(tmp_path / "model_final.pth")
+    with pytest.raises(FileNotFoundError, match=f"Checkpoint '{path}' does not exist."):
+        load_for_evaluation(small_model(), path, str(tmp_path))
+
+
+def test_eval_only_with_a_truncated_checkpoint_names_it(tmp_path):
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": small_model().state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(
+        CheckpointError,
+        match=f"Cannot read checkpoint '{path}': it is not a PyTorch "
+        "checkpoint, or it is truncated",
+    ):
+        load_for_evaluation(small_model(), str(path), str(tmp_path))
+
+
+def test_eval_only_with_the_checkpoint_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": small_model(num_classes=4).state_dict()}, path)
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
+            f"Checkpoint '{path}' does not fit the model: head.cls_score.weight has shape "
+            "(4, 64, 3, 3) in the checkpoint, (3, 64, 3, 3) in the model; head.cls_score.bias"
+        ),
+    ):
+        load_for_evaluation(small_model(num_classes=3), str(path), str(tmp_path))
+
+    backbone_only = {
+        k: v for k, v in small_model().state_dict().items() if k.startswith("backbone")
+    }
+    torch.save({"model": backbone_only}, path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit the model: \d+ weights of the model are not in it \(head\.",
+    ):
+        load_for_evaluation(small_model(), str(path), str(tmp_path))
+
+    model = small_model()
+    torch.save({"model": model.state_dict()}, path)
+    load_for_evaluation(small_model(), str(path), str(tmp_path))  # a model of this config loads
+
+
+# --- config, datasets, NUM_CLASSES ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["command line", "config file"])
+def test_a_config_key_that_does_not_exist_names_it_and_the_nearest_keys(tmp_path, source):
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    if source == "command line":
+        config_file = os.path.join(ROOT, "configs", "VFNet_Shapes_Demo.yaml")
+        opts, where = ["MODEL.VFNET.NUM_CLASS", "3"], "command line"
+    else:
+        config_file = tmp_path / "typo.yaml"
+        config_file.write_text(
+            f"_BASE_: {os.path.join(ROOT, 'configs', 'Base-VFNet.yaml')}\n"
+            "MODEL:\n  VFNET:\n    NUM_CLASS: 3\n"
+        )
+        opts, where = [], f"config file '{config_file}'"
+    with pytest.raises(
+        KeyError,
+        match=re.escape(
+            f"Config key MODEL.VFNET.NUM_CLASS ({where}) does not exist. "
+            "Did you mean MODEL.VFNET.NUM_CLASSES"
+        ),
+    ):
+        train_net.merge_config(cfg, str(config_file), opts)
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    image = Image.fromarray(pattern(48, 64))
+    image.save(tmp_path / "a.png")
+    spec = write_dataset(tmp_path, {"a.png": image.size}, name="robustness_runs_tiny")
+    name = vfnet.register_coco_dataset(spec)
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def dataset_cfg(train, test, num_classes):
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = train, test
+    cfg.MODEL.VFNET.NUM_CLASSES = num_classes
+    return cfg
+
+
+def test_a_dataset_name_that_is_not_registered_is_refused(tiny_dataset):
+    cfg = dataset_cfg((tiny_dataset,), ("mine_val",), 1)
+    message = (
+        r"DATASETS.TEST names dataset 'mine_val', which is not registered. Register a COCO-format "
+        r"dataset with --dataset mine_val=JSON:IMAGE_DIR"
+    )
+    with pytest.raises(KeyError, match=message):
+        train_net.Trainer(cfg)
+    with pytest.raises(KeyError, match=message):  # --eval-only
+        train_net.Trainer.test(cfg, model=None)
+
+
+def test_num_classes_not_matching_the_dataset_is_refused(tiny_dataset):
+    cfg = dataset_cfg((tiny_dataset,), (), 80)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"MODEL.VFNET.NUM_CLASSES is 80, but dataset '{tiny_dataset}' (DATASETS.TRAIN) has 1 "
+            "classes: ['thing']. Set MODEL.VFNET.NUM_CLASSES 1."
+        ),
+    ):
+        train_net.Trainer(cfg)
+    with pytest.raises(ValueError, match="MODEL.VFNET.NUM_CLASSES is 80"):
+        train_net.Trainer.test(dataset_cfg((), (tiny_dataset,), 80), model=None)
+    train_net.check_datasets(dataset_cfg((tiny_dataset,), (tiny_dataset,), 1))
+
+
+def test_evaluating_a_model_that_predicts_nothing_gives_ap_0_with_a_warning(
+    tiny_dataset, tmp_path, caplog
+):
+    evaluator = train_net.VFNetCOCOEvaluator(tiny_dataset, output_dir=str(tmp_path))
+    evaluator.reset()
+    record = DatasetCatalog.get(tiny_dataset)[0]
+    nothing = Instances(
+        (record["height"], record["width"]),
+        pred_boxes=Boxes(torch.zeros(0, 4)),
+        scores=torch.zeros(0),
+        pred_classes=torch.zeros(0, dtype=torch.int64),
+    )
+    evaluator.process([{"image_id": record["image_id"]}], [{"instances": nothing}])
+    logger = logging.getLogger("detectron2.evaluation.coco_evaluation")
+    logger.addHandler(caplog.handler)  # Detectron2's loggers may not propagate to the root
+    try:
+        results = evaluator.evaluate()
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert results["bbox"] == {
+        "AP": 0.0,
+        "AP50": 0.0,
+        "AP75": 0.0,
+        "APs": 0.0,
+        "APm": 0.0,
+        "APl": 0.0,
+    }
+    assert (
+        "The model made no bbox prediction with a score above its threshold on "
+        f"'{tiny_dataset}': its bbox AP is 0." in caplog.text
+    )  # noqa: E501
+
+
+# --- tools/train_net.py end to end ------------------------------------------------------------
+
+
+def unusual_images(root):
+    """Images of every awkward kind (and the raccoon dataset's grayscale JPEGs, if present)."""
+    base = Image.fromarray(pattern(48, 64))
+    sizes = {}
+    for file_name, mode in (
+        ("gray.jpg", "L"),
+        ("rgba.png", "RGBA"),
+        ("cmyk.jpg", "CMYK"),
+        ("palette.png", "P"),
+    ):
+        base.convert(mode).save(root / file_name)
+        sizes[file_name] = base.size
+    Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)).save(root / "gray16.png")
+    sizes["gray16.png"] = base.size
+    exif = base.getexif()
+    exif[0x0112] = 8  # shown turned 90 degrees counter-clockwise: 48 wide, 64 high
+    base.save(root / "exif.jpg", exif=exif)
+    sizes["exif.jpg"] = base.size[::-1]
+    if os.path.isdir(RACCOON_IMAGES):
+        for file_name in ("raccoon-150.jpg", "raccoon-152.jpg", "raccoon-161.jpg"):
+            shutil.copy(os.path.join(RACCOON_IMAGES, file_name), root / file_name)
+            with Image.open(root / file_name) as im:
+                assert im.mode == "L"
+                sizes[file_name] = im.size
+    return sizes
+
+
+def test_unusual_images_train_and_evaluate_and_an_untrained_model_scores_0(tmp_path):
+    sizes = unusual_images(tmp_path)
+    spec = write_dataset(tmp_path, sizes, name="unusual")
+    # One batch of all images (no aspect-ratio grouping): every image is trained on once.
+    log = run(
+        tmp_path / "out",
+        "--dataset",
+        spec,
+        "MODEL.VFNET.NUM_CLASSES",
+        "1",
+        "DATASETS.TRAIN",
+        "('unusual',)",
+        "DATASETS.TEST",
+        "('unusual',)",
+        "SOLVER.IMS_PER_BATCH",
+        str(len(sizes)),
+        "DATALOADER.ASPECT_RATIO_GROUPING",
+        "False",
+        "SOLVER.MAX_ITER",
+        "1",
+    )
+    n = len(sizes)
+    assert f"Removed 0 images with no usable annotations. {n} images left." in log
+    assert f"Start inference on {n} batches" in log and "Total inference time" in log
+    # The untrained model scores below the threshold everywhere: AP 0, not NaN.
+    assert "its bbox AP is 0." in log
+    assert re.search(
+        r"copypaste: 0\.0000,0\.0000,0\.0000,0\.0000,0\.0000,0\.0000$", log, flags=re.M
+    )
+
+
+def metrics(output_dir):
+    with open(output_dir / "metrics.json") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_run_killed_with_sigkill_resumes_exactly_from_its_last_checkpoint(tmp_path):
+    # One image, batch 1, no flip: every batch is the same, so the run killed and resumed must
+    # end exactly where a run without interruption does (with more images, the resumed run's
+    # batches differ: Detectron2's sampler restarts its seeded stream, see README).
+    Image.fromarray(pattern(48, 64)).save(tmp_path / "a.png")
+    spec = write_dataset(tmp_path, {"a.png": (64, 48)}, name="one")
+    args = ["--dataset", spec, "MODEL.VFNET.NUM_CLASSES", "1", "DATASETS.TRAIN", "('one',)",
+            "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "1", "INPUT.RANDOM_FLIP", "none",
+            "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.MAX_ITER", "6"]  # fmt: skip
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    reference = subprocess.Popen(
+        train_net_cmd(straight, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    victim = subprocess.Popen(
+        train_net_cmd(killed, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 240
+        while (
+            not (killed / "last_checkpoint").exists()
+            and victim.poll() is None
+            and time.time() < deadline
+        ):
+            time.sleep(0.01)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        assert victim.returncode == -signal.SIGKILL
+        assert not (killed / "model_final.pth").exists(), "the run ended before it was killed"
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    last = torch.load(killed / (killed / "last_checkpoint").read_text(), weights_only=False)
+
+    log = run(killed, "--resume", *args)
+    assert f"Starting training from iteration {last['iteration'] + 1}" in log
+    assert reference.wait(timeout=300) == 0, (straight / "log.txt").read_text()[-5000:]
+
+    # Every checkpoint written after the resume (model, momentum buffers, LR scheduler) equals the
+    # uninterrupted run's, so every loss of the iterations between them did too (metrics.json
+    # only has medians over the iterations each process ran, which differ).
+    later = sorted(
+        f
+        for f in os.listdir(killed)
+        if f.endswith(".pth") and f > f"model_{last['iteration']:07d}.pth"
+    )
+    assert later[-1] == "model_final.pth" and len(later) >= 2, later
+    for file_name in later:
+        resumed, uninterrupted = (
+            torch.load(d / file_name, weights_only=False) for d in (killed, straight)
+        )
+        assert resumed["iteration"] == uninterrupted["iteration"]
+        for name, weight in uninterrupted["model"].items():
+            assert torch.equal(resumed["model"][name], weight), (file_name, name)
+        momenta = [
+            s["momentum_buffer"]
+            for s in resumed["trainer"]["_trainer"]["optimizer"]["state"].values()
+        ]
+        expected = [
+            s["momentum_buffer"]
+            for s in uninterrupted["trainer"]["_trainer"]["optimizer"]["state"].values()
+        ]
+        assert all(torch.equal(a, b) for a, b in zip(momenta, expected)), file_name
+        assert resumed["trainer"]["hooks"] == uninterrupted["trainer"]["hooks"], file_name
+    assert metrics(killed)[-1]["lr"] == metrics(straight)[-1]["lr"]
