@@ -26,7 +26,7 @@ from vfnet.star_dcn import star_dcn_offsets  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = os.path.join(ROOT, "configs", "Base-VFNet.yaml")
-RACCOON_IMAGES = "/work/shared/datasets/raccoon/images"
+RACCOON_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "datasets", "raccoon", "images")
 SMALL = [
     "MODEL.DEVICE", "cpu",
     "MODEL.RESNETS.DEPTH", "18",

@@ -175,3 +175,18 @@ def test_postprocessing_parity_with_boxes_clipped_to_empty():
     assert r.facts["same classes"]
     for _, name, abs_, _ in r.rows:
         assert abs_ <= 1e-5, name
+
+
+@pytest.mark.skipif(not os.path.exists(mp.DEFAULT_IMAGE), reason="../shared/datasets/raccoon is absent")
+def test_full_test_pipelines_agree_with_the_cv2_resize_backend():
+    """
+    Each framework's own test pipeline (decode, resize, pad, post-processing to the original
+    image): with INPUT.RESIZE_BACKEND "cv2", as in configs/mmdet, the detections are the same.
+    """
+    facts = mp.end_to_end_report("r50", mp.DEFAULT_IMAGE, num_classes=3)
+    key = "e2e [cv2 resize] detections (d2, mmdet), matched (same class, IoU>=0.9), max |box diff| px, max |score diff|"
+    n_d2, n_mm, matched, box_diff, score_diff = facts[key]
+    assert n_d2 == n_mm == matched > 0
+    assert box_diff <= 1e-3 and score_diff <= 1e-5
+    _, _, input_diff = facts["e2e [cv2 resize] normalised padded input (d2, mmdet), max |diff|"]
+    assert input_diff == 0

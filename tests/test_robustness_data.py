@@ -26,7 +26,7 @@ import vfnet  # noqa: E402
 from vfnet.data.mapper import VFNetDatasetMapper, read_image  # noqa: E402
 from vfnet.data.validation import DatasetError, check_image_file  # noqa: E402
 
-RACCOON = "/work/shared/datasets/raccoon"
+RACCOON = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "datasets", "raccoon")
 
 
 def rgb_pattern(height=24, width=40):

@@ -40,7 +40,11 @@ import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_IMAGE = "/work/shared/datasets/raccoon/images/raccoon-1.jpg"
+# ../shared/datasets/raccoon beside the project root
+DEFAULT_IMAGE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "shared", "datasets", "raccoon", "images", "raccoon-1.jpg",
+)
 MMDET_MEAN = (123.675, 116.28, 103.53)
 MMDET_STD = (58.395, 57.12, 57.375)
 
@@ -169,41 +173,6 @@ def install_mmcv_ops_standins() -> str:
     except ImportError:
         sys.modules["mmcv._ext"] = _ext_standin()
         return STANDIN
-
-
-@contextlib.contextmanager
-def d2_modulated_deform_conv_on_cpu():
-    """Route Detectron2's CUDA-only modulated deformable conv to torchvision for CPU tensors."""
-    import detectron2.layers.deform_conv as d2dc
-    from torchvision.ops import deform_conv2d
-
-    original = d2dc.modulated_deform_conv
-
-    def patched(
-        x,
-        offset,
-        mask,
-        weight,
-        bias=None,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        deformable_groups=1,
-    ):
-        if x.is_cuda:
-            return original(
-                x, offset, mask, weight, bias, stride, padding, dilation, groups, deformable_groups
-            )
-        return deform_conv2d(
-            x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
-        )
-
-    d2dc.modulated_deform_conv = patched
-    try:
-        yield
-    finally:
-        d2dc.modulated_deform_conv = original
 
 
 # ----------------------------------------------------------------------------- models
@@ -545,9 +514,7 @@ def run_parity(
 
     report = Report()
     report.facts["mmcv kernels"] = install_mmcv_ops_standins()
-    ctx = d2_modulated_deform_conv_on_cpu()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(ctx)
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory())
         mm, _ = build_mmdet_model(variant, num_classes)
@@ -854,24 +821,6 @@ def greedy_match(d2r, mmr, iou_thr: float = 0.9):
     return n, round(box_d, 4), round(score_d, 6)
 
 
-@contextlib.contextmanager
-def d2_resize_with_cv2():
-    """Detectron2's ResizeTransform with cv2 bilinear (MMDetection's) instead of PIL's."""
-    import cv2
-    from detectron2.data import transforms as T
-
-    original = T.ResizeTransform.apply_image
-
-    def apply_image(self, img, interp=None):
-        return cv2.resize(img, (self.new_w, self.new_h), interpolation=cv2.INTER_LINEAR)
-
-    T.ResizeTransform.apply_image = apply_image
-    try:
-        yield
-    finally:
-        T.ResizeTransform.apply_image = original
-
-
 @torch.no_grad()
 def end_to_end_report(
     variant: str, image_path: str, num_classes: int = 80, seed: int = 0
@@ -879,15 +828,16 @@ def end_to_end_report(
     """
     Full test pipelines of both frameworks on the image (each its own decode, resize, pad,
     post-processing to original-image coordinates), with the same converted weights; then
-    again with Detectron2's resize switched to cv2 bilinear.
+    again with INPUT.RESIZE_BACKEND "cv2" (MMDetection's resize).
     """
-    from detectron2.data import DatasetMapper
     from mmengine.dataset import Compose
+
+    from vfnet.data.mapper import VFNetDatasetMapper
     from PIL import Image
 
     install_mmcv_ops_standins()
     facts: Dict[str, object] = {}
-    with d2_modulated_deform_conv_on_cpu(), tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         mm, mm_cfg = build_mmdet_model(variant, num_classes)
         perturb_(mm, seed)
         model, cfg, _, _ = convert_and_load(mm, variant, num_classes, tmp)
@@ -899,13 +849,13 @@ def end_to_end_report(
         mm_res = mm.predict(data["inputs"], data["data_samples"], rescale=True)[0].pred_instances
         W0, H0 = Image.open(image_path).size
         record = {"file_name": image_path, "height": H0, "width": W0, "image_id": 0}
-        for tag, ctx in (
-            ("PIL resize", contextlib.nullcontext()),
-            ("cv2 resize", d2_resize_with_cv2()),
-        ):
-            with ctx:
-                d2_in = DatasetMapper(cfg, is_train=False)(dict(record))
-                d2_res = model([d2_in])[0]["instances"]
+        for backend in ("PIL", "cv2"):
+            tag = f"{backend} resize"
+            cfg_backend = cfg.clone()
+            cfg_backend.defrost()
+            cfg_backend.INPUT.RESIZE_BACKEND = backend
+            d2_in = VFNetDatasetMapper(cfg_backend, is_train=False)(dict(record))
+            d2_res = model([d2_in])[0]["instances"]
             n, box_d, score_d = greedy_match(d2_res, mm_res)
             padded = model.preprocess_image([d2_in]).tensor
             same_shape = tuple(padded.shape) == tuple(data["inputs"].shape)

@@ -6,6 +6,9 @@ def add_vfnet_config(cfg):
     Add the VFNet keys (``MODEL.VFNET``) to a Detectron2 config, with the defaults of the
     official VarifocalNet R-50 1x model.
     """
+    # How images are resized: "PIL" (Detectron2's) or "cv2" (MMDetection's, for its weights).
+    cfg.INPUT.RESIZE_BACKEND = "PIL"
+
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET
     v.NUM_CLASSES = 80

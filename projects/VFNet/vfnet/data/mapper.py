@@ -12,6 +12,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 
+from .transforms import with_resize_backend
+
 __all__ = ["read_image", "VFNetDatasetMapper"]
 
 # PIL modes of 16-bit grayscale images ("I": how some Pillow versions open a 16-bit PNG).
@@ -35,9 +37,16 @@ def read_image(file_name: str, format: str = None) -> np.ndarray:
 class VFNetDatasetMapper(DatasetMapper):
     """
     Detectron2's :class:`DatasetMapper` for detection (no semantic segmentation or precomputed
-    proposals), reading images with :func:`read_image`; an image that fails to load or map
-    raises an error that names its file and image id.
+    proposals), reading images with :func:`read_image` and resizing them with
+    INPUT.RESIZE_BACKEND; an image that fails to load or map raises an error that names its file
+    and image id.
     """
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        ret["augmentations"] = with_resize_backend(ret["augmentations"], cfg.INPUT.RESIZE_BACKEND)
+        return ret
 
     def __call__(self, dataset_dict):
         try:
