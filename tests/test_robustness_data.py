@@ -347,10 +347,17 @@ def test_images_that_read_fine_pass_the_file_check(tmp_path):
     assert check_image_file(str(tmp_path / "gray.jpg"), 40, 24) is None
 
 
+def vfnet_cfg():
+    import vfnet
+
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    return cfg
+
+
 def test_mapper_error_names_the_file_and_image_id(tmp_path):
     Image.fromarray(rgb_pattern(24, 40)).save(tmp_path / "x.png")
-    cfg = get_cfg()
-    mapper = VFNetDatasetMapper(cfg, is_train=False)
+    mapper = VFNetDatasetMapper(vfnet_cfg(), is_train=False)
     record = {"file_name": str(tmp_path / "x.png"), "image_id": 12, "height": 24, "width": 41}
     with pytest.raises(
         RuntimeError,
@@ -364,7 +371,7 @@ def test_raccoon_grayscale_images_map_to_three_equal_channels():
     paths = sorted(glob.glob(os.path.join(RACCOON, "images", "*.jpg")))
     gray = [p for p in paths if Image.open(p).mode == "L"]
     assert len(gray) == 3
-    mapper = VFNetDatasetMapper(get_cfg(), is_train=True)
+    mapper = VFNetDatasetMapper(vfnet_cfg(), is_train=True)
     for path in gray:
         width, height = Image.open(path).size
         box = {"bbox": [1, 1, 20, 20], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
