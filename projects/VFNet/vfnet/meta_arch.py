@@ -42,13 +42,14 @@ def mean_over_workers(value: Tensor) -> float:
 
 def check_losses_are_finite(losses: Dict[str, Tensor]) -> None:
     """Raise a FloatingPointError that names the non-finite losses and the training iteration."""
-    if torch.isfinite(torch.stack([v.detach() for v in losses.values()])).all():
+    values = {k: v.detach() for k, v in losses.items()}
+    if torch.isfinite(torch.stack(list(values.values()))).all():
         return
-    bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-    values = ", ".join(f"{k} {float(v):.4g}" for k, v in losses.items())
+    bad = [k for k, v in values.items() if not torch.isfinite(v)]
+    listing = ", ".join(f"{k} {float(v):.4g}" for k, v in values.items())
     raise FloatingPointError(
-        f"Loss {' and '.join(bad)} became {float(losses[bad[0]])} at iteration "
-        f"{get_event_storage().iter} ({values}). Training diverged (lower SOLVER.BASE_LR, "
+        f"Loss {' and '.join(bad)} became {float(values[bad[0]])} at iteration "
+        f"{get_event_storage().iter} ({listing}). Training diverged (lower SOLVER.BASE_LR, "
         "lengthen SOLVER.WARMUP_ITERS, or set SOLVER.CLIP_GRADIENTS.ENABLED True), or a batch "
         "holds a non-finite input; --resume continues from the last checkpoint."
     )
