@@ -18,18 +18,10 @@ from detectron2.structures import Instances  # noqa: E402
 
 import vfnet  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_CONFIG = os.path.join(ROOT, "configs", "Base-VFNet.yaml")
-SMALL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.RESNETS.NORM", "BN",
-    "MODEL.FPN.OUT_CHANNELS", "64",
-    "MODEL.VFNET.NUM_CLASSES", "3",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "96",
-]
+from helpers import BASE_CONFIG, ROOT  # noqa: E402
+from helpers import SMALL as SMALL_MODEL  # noqa: E402
+
+SMALL = SMALL_MODEL + ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
 # Category ids out of order: the class names follow the ids (load_coco_json's contiguous ids).
 CATEGORIES = [{"id": 1, "name": "raccoon"}, {"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]
 CLASS_NAMES = ["raccoon", "dog", "cat"]

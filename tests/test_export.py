@@ -24,16 +24,10 @@ from vfnet.deform_conv import DeformConv2d  # noqa: E402
 from vfnet.head import ModulatedDeformConvBlock  # noqa: E402
 from vfnet.star_dcn import star_dcn_offsets  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_CONFIG = os.path.join(ROOT, "configs", "Base-VFNet.yaml")
-RACCOON_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "datasets", "raccoon", "images")
-SMALL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.RESNETS.NORM", "BN",
-    "MODEL.FPN.OUT_CHANNELS", "64",
-    "MODEL.VFNET.NUM_CLASSES", "3",
+from helpers import BASE_CONFIG, RACCOON_IMAGES, ROOT  # noqa: E402
+from helpers import SMALL as SMALL_MODEL  # noqa: E402
+
+SMALL = SMALL_MODEL + [
     # DCNv2 last tower convs too: the exported graphs hold modulated deformable convs as well.
     "MODEL.VFNET.DCN_ON_LAST_CONV", "True",
     "MODEL.VFNET.TEST_SCORE_THRESH", "0.6",

@@ -13,17 +13,9 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import vfnet  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, SMALL  # noqa: E402
+
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-SMALL = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.RESNETS.NORM", "BN",
-    "MODEL.FPN.OUT_CHANNELS", "64",
-    "MODEL.VFNET.NUM_CLASSES", "3",
-    "MODEL.WEIGHTS", "",
-]
 
 
 def small_cfg(*opts):

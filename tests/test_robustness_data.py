@@ -26,7 +26,7 @@ import vfnet  # noqa: E402
 from vfnet.data.mapper import VFNetDatasetMapper, read_image  # noqa: E402
 from vfnet.data.validation import DatasetError, check_image_file  # noqa: E402
 
-RACCOON = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "datasets", "raccoon")
+from helpers import RACCOON  # noqa: E402
 
 
 def rgb_pattern(height=24, width=40):

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import train_net  # noqa: E402
 
-RACCOON_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "datasets", "raccoon", "images")
+from helpers import RACCOON_IMAGES  # noqa: E402
 TINY = [
     "MODEL.RESNETS.DEPTH", "18",
     "MODEL.FPN.OUT_CHANNELS", "64",

@@ -6,6 +6,11 @@ input), measured side by side in one run. Prints tables; --json and --plot save 
     python tools/benchmark.py                       # CPU, everything
     python tools/benchmark.py --device cuda --amp   # GPU, autocast
     python tools/benchmark.py --skip-training --skip-scaling --iters 5
+    python tools/benchmark.py --dataset mine=val.json:images/ --images mine   # real images
+
+Inputs are random images of --size / --train-size with --train-boxes random boxes, or, with
+--images NAME, the first images of a registered dataset (with their boxes for training), at
+their own size.
 
 Each measurement runs in a fresh process, so that its peak memory (RSS on CPU,
 torch.cuda.max_memory_allocated on GPU) is its own. All models have random weights; their score
@@ -43,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--atss-sizes", type=int, nargs="+", default=[400, 600, 800, 1000, 1333],
                    help="shorter sides for the ATSS scaling against image size (4:3 images)")
     p.add_argument("--atss-size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=JSON:IMAGE_DIR",
+                   help="register a COCO-format dataset under NAME (repeatable)")
+    p.add_argument("--images", metavar="NAME", help="take the inputs from this registered dataset")
     p.add_argument("--skip-inference", action="store_true")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--skip-scaling", action="store_true")
@@ -91,6 +99,26 @@ def random_instances(h, w, num_boxes, num_classes=80, generator=None):
     return Instances((h, w), gt_boxes=Boxes(boxes), gt_classes=classes)
 
 
+def dataset_inputs(args, count):
+    """The first `count` images of the dataset --images (boxes and classes included), read and
+    resized as VFNet_R_50_FPN_1x.yaml's training loader would, without random flips."""
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetCatalog
+
+    import vfnet
+    from vfnet.data.mapper import VFNetDatasetMapper
+
+    for spec in args.dataset:
+        vfnet.register_coco_dataset(spec, check_files=False)
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "VFNet_R_50_FPN_1x.yaml"))
+    cfg.INPUT.RANDOM_FLIP = "none"
+    mapper = VFNetDatasetMapper(cfg, is_train=True)
+    records = DatasetCatalog.get(args.images)[:count]
+    return [{"image": d["image"].float().to(args.device), "instances": d["instances"]} for d in map(mapper, records)]
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -130,9 +158,12 @@ def measure_inference(name, args):
     from detectron2.modeling.postprocessing import detector_postprocess
 
     model = build(name, args.device).eval()
-    h, w = args.size
-    image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 255
-    inputs = [{"image": image.to(args.device)}]
+    if args.images:
+        inputs = [{"image": dataset_inputs(args, 1)[0]["image"]}]
+    else:
+        h, w = args.size
+        inputs = [{"image": torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)).to(args.device) * 255}]
+    h, w = inputs[0]["image"].shape[1:]
     result = {}
     with torch.no_grad(), autocast(args):
         result["total"] = timed(lambda: model(inputs), args)
@@ -160,7 +191,7 @@ def measure_training(name, args):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     h, w = args.train_size
     g = torch.Generator().manual_seed(0)
-    batch = [
+    batch = dataset_inputs(args, args.train_batch) if args.images else [
         {"image": (torch.rand(3, h, w, generator=g) * 255).to(args.device),
          "instances": random_instances(h, w, args.train_boxes, generator=g)}
         for _ in range(args.train_batch)
@@ -308,7 +339,8 @@ def main(argv=None):
         results = {m: in_fresh_process("measure_inference", (m,), args) for m in MODELS}
         report["inference"] = results
         h, w = args.size
-        print(table(f"Inference{amp}, batch 1, {h}x{w}, median s/image",
+        where = f"the first image of '{args.images}'" if args.images else f"{h}x{w}"
+        print(table(f"Inference{amp}, batch 1, {where}, median s/image",
                     ["model", "s/image", mem, "VFNet / model"], ratio_rows(results)))  # fmt: skip
         v = results["VFNet"]
         parts = ["backbone+FPN", "head", "post-processing"]
@@ -319,8 +351,9 @@ def main(argv=None):
         results = {m: in_fresh_process("measure_training", (m,), args) for m in MODELS}
         report["training"] = results
         h, w = args.train_size
+        where = f"images of '{args.images}'" if args.images else f"{h}x{w}, {args.train_boxes} boxes/image"
         print(table(f"Training step{amp} (forward + backward + SGD step), batch {args.train_batch}, "
-                    f"{h}x{w}, {args.train_boxes} boxes/image, median s/iter",
+                    f"{where}, median s/iter",
                     ["model", "s/iter", mem, "VFNet / model"], ratio_rows(results)))  # fmt: skip
         v = results["VFNet"]
         parts = ["backbone", "head forward", "ATSS + targets", "losses", "backward + step"]

@@ -18,6 +18,8 @@ from .validation import check_image_files, clean_coco_dict, load_coco_dict
 logger = logging.getLogger(__name__)
 
 SHAPES_DATASETS = {"vfnet_shapes_train": "train", "vfnet_shapes_val": "val"}
+# The registered shapes dataset: objects of 16 px and more (see shapes.draw_scene).
+SHAPES_PARAMS = {"min_object_size": 16}
 
 
 def default_shapes_root() -> str:
@@ -34,7 +36,7 @@ def register_shapes_datasets(root: Optional[str] = None) -> None:
     for name, split in SHAPES_DATASETS.items():
 
         def load(name=name, split=split):
-            json_file, image_root = ensure_shapes_dataset(root)[split]
+            json_file, image_root = ensure_shapes_dataset(root, **SHAPES_PARAMS)[split]
             return load_coco_json(json_file, image_root, name)
 
         DatasetCatalog.register(name, load)

@@ -1,0 +1,19 @@
+"""Paths and the small model the tests share (imported by the test modules)."""
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The raccoon dataset lives beside the project: tests that use it skip where it is absent.
+RACCOON = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "raccoon")
+RACCOON_IMAGES = os.path.join(RACCOON, "images")
+BASE_CONFIG = os.path.join(ROOT, "configs", "Base-VFNet.yaml")
+# Overrides of Base-VFNet.yaml for a small, fast model: ResNet-18 with BN, 64-channel FPN and
+# head, 3 classes, on the CPU.
+SMALL = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "MODEL.VFNET.NUM_CLASSES", "3",
+    "MODEL.WEIGHTS", "",
+]  # fmt: skip
