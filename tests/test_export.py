@@ -233,7 +233,7 @@ def test_dcn_backbone_exports_to_onnx_deformconv(tiny_dataset, tmp_path):
     cfg = small_cfg(
         "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.WIDTH_PER_GROUP", "8",
         "MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, True]",
-        "MODEL.RESNETS.DEFORM_MODULATED", "True",
+        "MODEL.RESNETS.DEFORM_MODULATED", "True", "MODEL.VFNET.DEFORM_CONV_IMPL", "sampling",
     )  # fmt: skip
     model = spread_scores(build_model(cfg)).eval()
     assert E.deform_conv_impls(model) == {"sampling", "torchvision"}

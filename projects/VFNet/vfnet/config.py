@@ -23,8 +23,9 @@ def add_vfnet_config(cfg):
     v.GRADIENT_MUL = 0.1
     v.DCN_ON_LAST_CONV = False
     v.PRIOR_PROB = 0.01
-    # Kernel of the deformable convs: "auto" (Detectron2's CUDA kernel on GPU, "sampling" on CPU),
-    # "detectron2", "torchvision" or "sampling" (grid_sample + matmul, see deform_conv.py).
+    # Kernel of the deformable convs: "auto" (Detectron2's CUDA kernel on GPU, "gather" on CPU),
+    # "detectron2", "torchvision", "gather" (bilinear gather + 1x1 conv) or "sampling"
+    # (grid_sample + matmul, exportable to ONNX); see deform_conv.py.
     v.DEFORM_CONV_IMPL = "auto"
 
     # Ablation switches (VarifocalNet, Table 3).

@@ -91,7 +91,7 @@ def set_deform_conv_impl(model: nn.Module, impl: str) -> int:
 def deform_conv_impls(model: nn.Module, device: Optional[torch.device] = None) -> set:
     """
     The kernels the deformable convs of `model` run on `device` (default: the model's): those of
-    the head ("sampling", "torchvision", "detectron2"), and of the backbone's DCN stages
+    the head ("gather", "sampling", "torchvision", "detectron2"), and of the backbone's DCN stages
     (MODEL.RESNETS.DEFORM_ON_PER_STAGE): torchvision's on CPU, Detectron2's on GPU.
     """
     from detectron2.layers import DeformConv, ModulatedDeformConv
@@ -104,8 +104,8 @@ def deform_conv_impls(model: nn.Module, device: Optional[torch.device] = None) -
     cuda = torch.device(device).type == "cuda"
     impls = set()
     for m in model.modules():
-        if isinstance(m, DeformConv2d):  # see DeformConv2d._impl
-            impls.add(m.impl if m.impl != "auto" else ("detectron2" if cuda else "sampling"))
+        if isinstance(m, DeformConv2d):
+            impls.add(m.resolved_impl(device))
         elif isinstance(m, (AnyDeviceDeformConv, AnyDeviceModulatedDeformConv)):
             impls.add("detectron2" if cuda else "torchvision")
         elif isinstance(m, (DeformConv, ModulatedDeformConv)):

@@ -165,6 +165,9 @@ class VFNetHead(nn.Module):
         """
         logits, boxes_init, boxes_refine = [], [], []
         for i, x in enumerate(features):
+            # Channels-last: oneDNN's convolutions skip a layout reorder, the gathers of the
+            # deformable convs read contiguous channel vectors.
+            x = x.contiguous(memory_format=torch.channels_last)
             cls_feat = self.cls_tower(x)
             reg_feat = self.reg_tower(x)
             box = self.reg_init(self.reg_init_conv(reg_feat)) * self.scales[i]
