@@ -17,3 +17,16 @@ SMALL = [
     "MODEL.VFNET.NUM_CLASSES", "3",
     "MODEL.WEIGHTS", "",
 ]  # fmt: skip
+
+
+def small_cfg(*opts):
+    """Base-VFNet.yaml with the SMALL overrides, then `opts` (needs Detectron2)."""
+    from detectron2.config import get_cfg
+
+    import vfnet
+
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(BASE_CONFIG)
+    cfg.merge_from_list(SMALL + list(opts))
+    return cfg

@@ -93,7 +93,7 @@ def test_golden_keys():
 
 # --------------------------------------------------------------------------- fake checkpoints
 def _d2_state_dict(config, num_classes=3, seed=0):
-    pytest.importorskip("detectron2")
+    pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
     import vfnet
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model

@@ -17,9 +17,9 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("mmdet")
+pytest.importorskip("mmdet", reason="MMDetection is not installed (optional: see README, parity with MMDetection)")
 pytest.importorskip("mmengine")
-pytest.importorskip("detectron2")
+pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL_TOL = 1e-4

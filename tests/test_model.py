@@ -13,17 +13,10 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import vfnet  # noqa: E402
 
-from helpers import ROOT, SMALL  # noqa: E402
+from helpers import ROOT, small_cfg  # noqa: E402
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 
-
-def small_cfg(*opts):
-    cfg = get_cfg()
-    vfnet.add_vfnet_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "Base-VFNet.yaml"))
-    cfg.merge_from_list(SMALL + list(opts))
-    return cfg
 
 
 def instances(boxes, classes, size=(96, 128)):
@@ -168,6 +161,37 @@ def test_inference_decodes_refined_boxes_from_the_locations():
             assert out.pred_classes[0] == c
             return
     pytest.fail("top score not found in the head outputs")
+
+
+def test_deform_conv_kernels_give_the_same_losses_and_gradients_in_float64():
+    """The CPU kernels inside the whole model (channels-last head, DCNv2 tower convs, star offsets
+    reaching outside the maps) against torchvision's, losses and every parameter's gradient."""
+    import copy
+
+    from vfnet.deform_conv import DeformConv2d
+
+    torch.manual_seed(0)
+    model = build_model(small_cfg("MODEL.VFNET.DCN_ON_LAST_CONV", "True")).double().train()
+    with torch.no_grad():  # varied star offsets and DCNv2 offsets/masks
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    results = {}
+    for impl in ("torchvision", "gather", "sampling"):
+        m = copy.deepcopy(model)
+        for layer in m.modules():
+            if isinstance(layer, DeformConv2d):
+                layer.impl = impl
+        with EventStorage(0):
+            losses = m(batch())
+        sum(losses.values()).backward()
+        results[impl] = losses, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    ref_losses, ref_grads = results.pop("torchvision")
+    assert len(ref_grads) == sum(p.requires_grad for p in model.parameters())
+    for losses, grads in results.values():
+        for k in ref_losses:
+            torch.testing.assert_close(losses[k], ref_losses[k], rtol=1e-10, atol=1e-12)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-8, atol=1e-10, msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
