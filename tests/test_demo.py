@@ -10,18 +10,18 @@ pytest.importorskip("detectron2", reason="Detectron2 is not installed (see READM
 cv2 = pytest.importorskip("cv2")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Instances  # noqa: E402
 
-import vfnet  # noqa: E402
 
 from helpers import BASE_CONFIG, ROOT  # noqa: E402
 from helpers import SMALL as SMALL_MODEL  # noqa: E402
+from helpers import small_cfg as small_model_cfg  # noqa: E402
 
-SMALL = SMALL_MODEL + ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
+DEMO_OPTS = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
+SMALL = SMALL_MODEL + DEMO_OPTS
 # Category ids out of order: the class names follow the ids (load_coco_json's contiguous ids).
 CATEGORIES = [{"id": 1, "name": "raccoon"}, {"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]
 CLASS_NAMES = ["raccoon", "dog", "cat"]
@@ -35,11 +35,7 @@ def load_demo():
 
 
 def small_cfg(*opts):
-    cfg = get_cfg()
-    vfnet.add_vfnet_config(cfg)
-    cfg.merge_from_file(BASE_CONFIG)
-    cfg.merge_from_list(SMALL + ["MODEL.WEIGHTS", ""] + list(opts))
-    return cfg
+    return small_model_cfg(*DEMO_OPTS, *opts)
 
 
 @pytest.fixture(scope="module")

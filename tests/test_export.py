@@ -15,10 +15,8 @@ pytest.importorskip("detectron2", reason="Detectron2 is not installed (see READM
 cv2 = pytest.importorskip("cv2")
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-import vfnet  # noqa: E402
 from vfnet import export as E  # noqa: E402
 from vfnet.deform_conv import DeformConv2d  # noqa: E402
 from vfnet.head import ModulatedDeformConvBlock  # noqa: E402
@@ -26,14 +24,16 @@ from vfnet.star_dcn import star_dcn_offsets  # noqa: E402
 
 from helpers import BASE_CONFIG, RACCOON_IMAGES, ROOT  # noqa: E402
 from helpers import SMALL as SMALL_MODEL  # noqa: E402
+from helpers import small_cfg as small_model_cfg  # noqa: E402
 
-SMALL = SMALL_MODEL + [
+EXPORT_OPTS = [
     # DCNv2 last tower convs too: the exported graphs hold modulated deformable convs as well.
     "MODEL.VFNET.DCN_ON_LAST_CONV", "True",
     "MODEL.VFNET.TEST_SCORE_THRESH", "0.6",
     "INPUT.MIN_SIZE_TEST", "128",
     "INPUT.MAX_SIZE_TEST", "192",
 ]  # fmt: skip
+SMALL = SMALL_MODEL + EXPORT_OPTS
 MIN_SIZE, MAX_SIZE = 128, 192
 
 
@@ -44,11 +44,7 @@ def onnx_modules():
 
 
 def small_cfg(*opts):
-    cfg = get_cfg()
-    vfnet.add_vfnet_config(cfg)
-    cfg.merge_from_file(BASE_CONFIG)
-    cfg.merge_from_list(SMALL + ["MODEL.WEIGHTS", ""] + list(opts))
-    return cfg
+    return small_model_cfg(*EXPORT_OPTS, *opts)
 
 
 def spread_scores(model):

@@ -18,7 +18,6 @@ from helpers import ROOT, small_cfg  # noqa: E402
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 
 
-
 def instances(boxes, classes, size=(96, 128)):
     return Instances(
         size,
