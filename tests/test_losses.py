@@ -328,3 +328,24 @@ def test_giou_loss_half_inputs_promoted():
     loss, weights = iou_weighted_giou_loss(pred, target)
     assert loss.dtype == torch.float32 and weights.dtype == torch.float32
     assert math.isclose(loss.item(), (1 / 7) * (1 - (1 / 7 - 2 / 9)), rel_tol=1e-5)
+
+
+def test_float64_inputs_stay_float64():
+    # Low-precision inputs are computed in float32; float64 ones (gradient checks, the DDP
+    # equivalence test) keep their precision: the loss agrees with the double-precision
+    # reference to float64 rounding, far below float32's 1e-7.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 5, generator=g, dtype=torch.float64) * 3
+    targets = torch.where(torch.rand(64, 5, generator=g) < 0.2, torch.rand(64, 5, generator=g), 0)
+    loss, grad = _vfl_and_grad(logits, targets.double())
+    ref_loss, ref_grad = ref_vfl_tensor(logits, targets)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-11, atol=1e-15)
+
+    pred = torch.tensor([[0.0, 0.0, 2.0, 2.0]], dtype=torch.float64)
+    target = torch.tensor([[1.0, 1.0, 3.0, 3.0]], dtype=torch.float64)
+    loss, weights = iou_weighted_giou_loss(pred, target)
+    assert loss.dtype == torch.float64 and weights.dtype == torch.float64
+    # (fvcore's giou_loss adds 1e-7 to the union and the enclosing area.)
+    assert math.isclose(loss.item(), (1 / 7) * (1 - (1 / 7 - 2 / 9)), rel_tol=1e-6)

@@ -386,67 +386,96 @@ def metrics(output_dir):
         return [json.loads(line) for line in f]
 
 
-def test_a_run_killed_with_sigkill_resumes_exactly_from_its_last_checkpoint(tmp_path):
-    # One image, batch 1, no flip: every batch is the same, so the run killed and resumed must
-    # end exactly where a run without interruption does (with more images, the resumed run's
-    # batches differ: Detectron2's sampler restarts its seeded stream, see README).
-    Image.fromarray(pattern(48, 64)).save(tmp_path / "a.png")
-    spec = write_dataset(tmp_path, {"a.png": (64, 48)}, name="one")
-    args = ["--dataset", spec, "MODEL.VFNET.NUM_CLASSES", "1", "DATASETS.TRAIN", "('one',)",
-            "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "1", "INPUT.RANDOM_FLIP", "none",
-            "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.MAX_ITER", "6"]  # fmt: skip
-    killed, straight = tmp_path / "killed", tmp_path / "straight"
-    reference = subprocess.Popen(
-        train_net_cmd(straight, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    victim = subprocess.Popen(
-        train_net_cmd(killed, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.time() + 240
-        while (
-            not (killed / "last_checkpoint").exists()
-            and victim.poll() is None
-            and time.time() < deadline
-        ):
-            time.sleep(0.01)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        assert victim.returncode == -signal.SIGKILL
-        assert not (killed / "model_final.pth").exists(), "the run ended before it was killed"
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-    last = torch.load(killed / (killed / "last_checkpoint").read_text(), weights_only=False)
+DETERMINISTIC_TRAIN_NET = os.path.join(ROOT, "tests", "scripts", "deterministic_train_net.py")
 
-    log = run(killed, "--resume", *args)
-    assert f"Starting training from iteration {last['iteration'] + 1}" in log
-    assert reference.wait(timeout=300) == 0, (straight / "log.txt").read_text()[-5000:]
 
-    # Every checkpoint written after the resume (model, momentum buffers, LR scheduler) equals the
-    # uninterrupted run's, so every loss of the iterations between them did too (metrics.json
-    # only has medians over the iterations each process ran, which differ).
-    later = sorted(
-        f
-        for f in os.listdir(killed)
-        if f.endswith(".pth") and f > f"model_{last['iteration']:07d}.pth"
-    )
-    assert later[-1] == "model_final.pth" and len(later) >= 2, later
-    for file_name in later:
-        resumed, uninterrupted = (
-            torch.load(d / file_name, weights_only=False) for d in (killed, straight)
-        )
-        assert resumed["iteration"] == uninterrupted["iteration"]
-        for name, weight in uninterrupted["model"].items():
-            assert torch.equal(resumed["model"][name], weight), (file_name, name)
-        momenta = [
-            s["momentum_buffer"]
-            for s in resumed["trainer"]["_trainer"]["optimizer"]["state"].values()
-        ]
-        expected = [
-            s["momentum_buffer"]
-            for s in uninterrupted["trainer"]["_trainer"]["optimizer"]["state"].values()
-        ]
-        assert all(torch.equal(a, b) for a, b in zip(momenta, expected)), file_name
-        assert resumed["trainer"]["hooks"] == uninterrupted["trainer"]["hooks"], file_name
-    assert metrics(killed)[-1]["lr"] == metrics(straight)[-1]["lr"]
+def checkpoint_state(path):
+    """What a checkpoint holds of a run: iteration, weights, momenta, LR scheduler, data seed."""
+    ckpt = torch.load(path, weights_only=False)
+    trainer = ckpt["trainer"]
+    return {
+        "iteration": ckpt["iteration"],
+        "model": ckpt["model"],
+        "momenta": [s["momentum_buffer"] for s in trainer["_trainer"]["optimizer"]["state"].values()],
+        "hooks": trainer["hooks"],
+        "data_loader": trainer["data_loader"],
+    }
+
+
+def assert_bitwise_equal(a, b, what):
+    assert a.keys() == b.keys(), what
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, dict) and key == "model":
+            for name in x:
+                assert torch.equal(x[name], y[name]), (what, name)
+        elif isinstance(x, list):
+            assert len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y)), (what, key)
+        else:
+            assert x == y, (what, key)
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """24 shapes images of 48-96 px (both aspect-ratio groups), registered as --dataset."""
+    from vfnet.data.shapes import generate_split
+
+    root = tmp_path_factory.mktemp("many_images")
+    generate_split(str(root), "train", 24, seed=3, image_size=(48, 96))
+    return f"resume_train={root / 'train.json'}:{root / 'train'}"
+
+
+def test_a_run_killed_with_sigkill_resumes_exactly_with_0_and_2_data_workers(tmp_path, many_images):
+    # Shuffled data, random flips and multi-scale resize, batches of 2 images grouped by aspect
+    # ratio; checkpoints after iterations 1, 3, 5, 7 and 9, and model_final.
+    opts = ["MODEL.VFNET.NUM_CLASSES", "4", "DATASETS.TRAIN", "('resume_train',)",
+            "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2", "INPUT.RANDOM_FLIP", "horizontal",
+            "INPUT.MIN_SIZE_TRAIN", "(48, 64, 80)", "INPUT.MAX_SIZE_TRAIN", "128",
+            "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.MAX_ITER", "10"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def start(output_dir, workers, kill=(), resume=()):
+        cmd = [sys.executable, DETERMINISTIC_TRAIN_NET, *kill, "--",
+               *train_net_cmd(output_dir, *resume, "--dataset", many_images)[2:],
+               *opts, "DATALOADER.NUM_WORKERS", str(workers)]  # fmt: skip
+        log = open(f"{output_dir}.log", "a")
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def finish(proc, output_dir, returncode=0):
+        assert proc.wait(timeout=600) == returncode, open(f"{output_dir}.log").read()[-6000:]
+
+    straight = {0: tmp_path / "straight0", 2: tmp_path / "straight2"}
+    killed = {  # output dir: (data workers, how it is killed)
+        tmp_path / "killed0": (0, ("--kill-after-iter", "4")),
+        tmp_path / "killed2": (2, ("--kill-writing", "model_0000005.pth")),
+    }
+    procs = [start(d, workers) for workers, d in straight.items()]  # two processes at a time
+    for proc, d in zip(procs, straight.values()):
+        finish(proc, d)
+    procs = [start(d, workers, kill) for d, (workers, kill) in killed.items()]
+    for proc, d in zip(procs, killed):
+        finish(proc, d, -signal.SIGKILL)
+
+    files = sorted(f for f in os.listdir(straight[0]) if f.endswith(".pth"))
+    assert files == ["model_0000001.pth", "model_0000003.pth", "model_0000005.pth",
+                     "model_0000007.pth", "model_0000009.pth", "model_final.pth"]  # fmt: skip
+    reference = {f: checkpoint_state(straight[0] / f) for f in files}
+    # First, these settings are reproducible: two uninterrupted runs are bitwise equal (they
+    # also differ in their number of data workers, which the batches do not depend on).
+    for f in files:
+        assert_bitwise_equal(checkpoint_state(straight[2] / f), reference[f], f"straight {f}")
+
+    # The killed runs left their last complete checkpoint, killed while writing also a .tmp.
+    for d in killed:
+        assert (d / "last_checkpoint").read_text() == "model_0000003.pth", d
+        assert not (d / "model_0000005.pth").exists() and not (d / "model_final.pth").exists()
+    assert (tmp_path / "killed2" / "model_0000005.pth.tmp").exists()
+
+    procs = [start(d, workers, resume=("--resume",)) for d, (workers, _) in killed.items()]
+    for proc, d in zip(procs, killed):
+        finish(proc, d)
+        assert "Starting training from iteration 4" in open(f"{d}.log").read()
+        for f in files[2:]:  # every checkpoint written after the resume
+            assert_bitwise_equal(checkpoint_state(d / f), reference[f], f"{d.name} {f}")
+    assert not (tmp_path / "killed2" / "model_0000005.pth.tmp").exists()  # replaced by the save
+    assert metrics(tmp_path / "killed0")[-1]["lr"] == metrics(straight[0])[-1]["lr"]

@@ -16,12 +16,7 @@ import re
 import weakref
 
 from detectron2.config import get_cfg
-from detectron2.data import (
-    DatasetCatalog,
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-)
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
@@ -30,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 
 import vfnet
 from vfnet.checkpoint import VFNetCheckpointer, load_for_evaluation
+from vfnet.data.build import build_resumable_train_loader
 from vfnet.data.mapper import VFNetDatasetMapper
 
 _create_ddp_model = d2_defaults.create_ddp_model
@@ -103,9 +99,24 @@ class Trainer(DefaultTrainer):
         )
         return super().build_hooks()
 
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        # The batches go on from the iteration the run starts at (vfnet/data/samplers.py).
+        self._trainer.data_loader.batch_sampler.start_iter = self.start_iter
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["data_loader"] = self._trainer.data_loader.batch_sampler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "data_loader" in state_dict:  # checkpoints of this project before 2026-12
+            self._trainer.data_loader.batch_sampler.load_state_dict(state_dict["data_loader"])
+
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=VFNetDatasetMapper(cfg, is_train=True))
+        return build_resumable_train_loader(cfg, VFNetDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

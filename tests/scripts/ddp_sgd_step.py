@@ -1,7 +1,8 @@
 """
-One SGD step of a small VFNet on two images: in one process, and in two gloo processes that take
-one image each under DistributedDataParallel. Saves both updated state dicts for
-tests/test_distributed.py.
+One SGD step of a small VFNet in float64 on two images: in one process (twice, and once with the
+two images swapped), and in two gloo processes that take one image each under
+DistributedDataParallel. One thread and torch's deterministic algorithms. Saves the updated
+state dicts and the gradients for tests/test_distributed.py.
 
     python tests/scripts/ddp_sgd_step.py OUT_DIR
 """
@@ -32,20 +33,21 @@ def build():
          "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.VFNET.NUM_CLASSES", "3"]
     )  # fmt: skip
     torch.manual_seed(0)
-    return build_model(cfg)
+    return build_model(cfg).double()
 
 
 def images():
     g = torch.Generator().manual_seed(1)
 
     def inst(boxes, classes):
-        return Instances((96, 128), gt_boxes=Boxes(torch.tensor(boxes)), gt_classes=torch.tensor(classes))
+        boxes = Boxes(torch.tensor(boxes, dtype=torch.float64))
+        return Instances((96, 128), gt_boxes=boxes, gt_classes=torch.tensor(classes))
 
     return [
         # Different numbers of positives on the two images, so that the normalisers matter.
-        {"image": torch.rand(3, 96, 128, generator=g) * 255,
+        {"image": torch.rand(3, 96, 128, generator=g, dtype=torch.float64) * 255,
          "instances": inst([[10.0, 12, 60, 80], [50, 20, 120, 70], [5, 60, 40, 90]], [0, 2, 1])},
-        {"image": torch.rand(3, 96, 128, generator=g) * 255,
+        {"image": torch.rand(3, 96, 128, generator=g, dtype=torch.float64) * 255,
          "instances": inst([[30.0, 30, 44, 46]], [1])},
     ]  # fmt: skip
 
@@ -61,7 +63,13 @@ def sgd_step(model, batch):
     return {n: p.grad for n, p in named if p.grad is not None}
 
 
+def deterministic():
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
 def worker(out_dir):
+    deterministic()
     model = build()
     model.load_state_dict(torch.load(os.path.join(out_dir, "initial.pth")))
     ddp = DistributedDataParallel(model, broadcast_buffers=False)
@@ -73,11 +81,16 @@ def worker(out_dir):
 
 
 def main(out_dir):
-    model = build()
-    torch.save(model.state_dict(), os.path.join(out_dir, "initial.pth"))
-    grads = sgd_step(model, images())
-    torch.save(model.state_dict(), os.path.join(out_dir, "single.pth"))
-    torch.save(grads, os.path.join(out_dir, "single_grads.pth"))
+    deterministic()
+    torch.save(build().state_dict(), os.path.join(out_dir, "initial.pth"))
+    for name, batch in (
+        ("single", images()), ("single_again", images()), ("single_swapped", images()[::-1])
+    ):
+        model = build()
+        model.load_state_dict(torch.load(os.path.join(out_dir, "initial.pth")))
+        grads = sgd_step(model, batch)
+        torch.save(model.state_dict(), os.path.join(out_dir, f"{name}.pth"))
+        torch.save(grads, os.path.join(out_dir, f"{name}_grads.pth"))
     launch(worker, 2, dist_url="file://" + os.path.join(out_dir, "dist_init"), args=(out_dir,))
 
 

@@ -158,9 +158,9 @@ class VFNetHead(nn.Module):
 
         Returns:
             logits: per level, (N, K, Hi, Wi) IoU-aware classification logits.
-            boxes_init: per level, (N, 4, Hi, Wi) float32 initial distances (l, t, r, b) in
-                input-image pixels.
-            boxes_refine: per level, (N, 4, Hi, Wi) float32 refined distances; an empty list
+            boxes_init: per level, (N, 4, Hi, Wi) initial distances (l, t, r, b) in
+                input-image pixels, float32 (or float64 for a float64 model).
+            boxes_refine: per level, (N, 4, Hi, Wi) refined distances, likewise; an empty list
                 when refinement is off.
         """
         logits, boxes_init, boxes_refine = [], [], []
@@ -171,14 +171,16 @@ class VFNetHead(nn.Module):
             cls_feat = self.cls_tower(x)
             reg_feat = self.reg_tower(x)
             box = self.reg_init(self.reg_init_conv(reg_feat)) * self.scales[i]
-            box = box.float().exp() * self.box_normalizers[i]
+            box = box.to(torch.promote_types(box.dtype, torch.float32)).exp()
+            box = box * self.box_normalizers[i]
             boxes_init.append(box)
             offsets = None
             if self.use_star_dcn:
                 offsets = star_dcn_offsets(box, self.gradient_mul, self.strides[i]).to(reg_feat.dtype)
             if self.use_refine:
                 refine = self.reg_refine(self._star_conv(self.reg_refine_conv, reg_feat, offsets))
-                refine = (refine * self.scales_refine[i]).float().exp()
+                refine = refine * self.scales_refine[i]
+                refine = refine.to(box.dtype).exp()
                 boxes_refine.append(refine * box.detach())
             logits.append(self.cls_score(self._star_conv(self.cls_conv, cls_feat, offsets)))
         return logits, boxes_init, boxes_refine

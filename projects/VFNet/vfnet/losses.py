@@ -20,7 +20,7 @@ def varifocal_loss(
     reduction: str = "sum",
 ) -> Tensor:
     """
-    Varifocal loss (VarifocalNet, eq. 2), computed from logits in float32.
+    Varifocal loss (VarifocalNet, eq. 2), computed in float32 from low-precision logits.
 
     For a target q > 0 (the IoU of a positive location with its box, at its class) the loss is
     the binary cross-entropy of p = sigmoid(logit) against q, weighted by q (by 1 when
@@ -35,7 +35,7 @@ def varifocal_loss(
     Returns:
         The loss, elementwise for reduction "none", else a scalar.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = targets.to(logits.dtype)
     p = logits.sigmoid()
     positive = targets > 0
@@ -61,12 +61,12 @@ def iou_weighted_giou_loss(pred_boxes: Tensor, target_boxes: Tensor) -> Tuple[Te
         target_boxes: (N, 4) their target boxes.
 
     Returns:
-        loss_sum: scalar, sum_i w_i * (1 - GIoU_i), in float32.
+        loss_sum: scalar, sum_i w_i * (1 - GIoU_i), in float32 for low-precision boxes.
         weights: (N,) w_i = IoU_i, detached and clamped to at least 1e-6. The caller divides
             `loss_sum` by the sum of the weights (averaged over workers).
     """
-    pred_boxes = pred_boxes.float()
-    target_boxes = target_boxes.float()
+    pred_boxes = pred_boxes.to(torch.promote_types(pred_boxes.dtype, torch.float32))
+    target_boxes = target_boxes.to(pred_boxes.dtype)
     weights = aligned_iou(pred_boxes.detach(), target_boxes).clamp(min=1e-6)
     loss = giou_loss(pred_boxes, target_boxes, reduction="none")
     return (loss * weights).sum(), weights

@@ -34,7 +34,7 @@ def mean_over_workers(value: Tensor) -> float:
     """The mean of a scalar tensor over all workers (itself when not distributed)."""
     world_size = comm.get_world_size()
     if world_size > 1:
-        value = value.detach().clone().float()
+        value = value.detach().clone().double()
         dist.all_reduce(value)
         value = value / world_size
     return float(value)
@@ -244,16 +244,17 @@ class VFNet(DenseDetector):
         logits = cat(logits, dim=1)
         if self.use_vfl:
             # IoU-aware targets: the IoU of the final box with its ground truth, at its class.
-            targets = torch.zeros_like(logits, dtype=torch.float32)
+            targets = torch.zeros_like(logits, dtype=ious.dtype)
             pos_image, pos_location = pos_mask.nonzero(as_tuple=True)
             targets[pos_image, pos_location, gt_labels[pos_mask]] = ious
             loss_cls = varifocal_loss(
                 logits, targets, self.vfl_alpha, self.vfl_gamma, self.iou_weighted, reduction="sum"
             )
         else:
-            targets = F.one_hot(gt_labels, self.num_classes + 1)[..., :-1].float()
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            targets = F.one_hot(gt_labels, self.num_classes + 1)[..., :-1].to(logits.dtype)
             loss_cls = sigmoid_focal_loss_jit(
-                logits.float(), targets, self.focal_alpha, self.focal_gamma, reduction="sum"
+                logits, targets, self.focal_alpha, self.focal_gamma, reduction="sum"
             )
         losses["loss_cls"] = loss_cls / normalizer
         return losses

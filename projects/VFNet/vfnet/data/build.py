@@ -1,0 +1,118 @@
+"""
+The training data loader of the project's trainer: Detectron2's datasets, samplers and mapper,
+with batches that a resumed run reads again exactly (see samplers.py).
+"""
+import random
+from typing import Callable, List, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from detectron2.data import DatasetFromList, get_detection_dataset_dicts
+from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
+from detectron2.data.samplers import (
+    RandomSubsetTrainingSampler,
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
+)
+from detectron2.utils import comm
+
+from .samplers import ResumableBatchSampler
+
+__all__ = ["SeededMapDataset", "build_resumable_train_loader"]
+
+
+class SeededMapDataset(Dataset):
+    """
+    A dataset of dicts mapped by `mapper` (random augmentations included), indexed by
+    ``(index, seed)``: numpy's, Python's and torch's global generators are seeded with `seed`
+    for the call of `mapper` and restored after it, so a sample's augmentations depend on its
+    seed alone, whichever process maps it.
+    """
+
+    def __init__(self, dataset_dicts: List[dict], mapper: Callable[[dict], dict]):
+        self._dataset = DatasetFromList(dataset_dicts, copy=False)
+        self._mapper = mapper
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, index_and_seed: Tuple[int, int]) -> dict:
+        index, seed = index_and_seed
+        numpy_state, python_state = np.random.get_state(), random.getstate()
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                data = self._mapper(self._dataset[index])
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+        if data is None:
+            raise ValueError(
+                f"The dataset mapper returned None for dataset index {index}; the resumable "
+                "loader cannot replace a sample (that would change the batches of a resume)."
+            )
+        return data
+
+
+def _index_sampler(cfg, dataset_dicts: List[dict]) -> Callable[[int], TrainingSampler]:
+    """seed -> Detectron2's DATALOADER.SAMPLER_TRAIN sampler of this DDP worker, seeded."""
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    if name == "TrainingSampler":
+        return lambda seed: TrainingSampler(len(dataset_dicts), seed=seed)
+    if name == "RepeatFactorTrainingSampler":
+        factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+            dataset_dicts, cfg.DATALOADER.REPEAT_THRESHOLD, sqrt=cfg.DATALOADER.REPEAT_SQRT
+        )
+        return lambda seed: RepeatFactorTrainingSampler(factors, seed=seed)
+    if name == "RandomSubsetTrainingSampler":
+        ratio = cfg.DATALOADER.RANDOM_SUBSET_RATIO
+        return lambda seed: RandomSubsetTrainingSampler(
+            len(dataset_dicts), ratio, seed_shuffle=seed, seed_subset=seed + 1
+        )
+    raise ValueError(
+        f"DATALOADER.SAMPLER_TRAIN '{name}' is not supported by the VFNet trainer, whose batches "
+        "resume exactly: use TrainingSampler, RepeatFactorTrainingSampler or "
+        "RandomSubsetTrainingSampler."
+    )
+
+
+def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict]) -> DataLoader:
+    """
+    Detectron2's `build_detection_train_loader(cfg, mapper)` (same datasets, filtering,
+    sampler, batch size per worker and aspect-ratio grouping), whose batches are those of a
+    :class:`ResumableBatchSampler`: the same for any DATALOADER.NUM_WORKERS, and continued
+    exactly after a resume from `loader.batch_sampler.start_iter` with the seed of
+    `loader.batch_sampler.state_dict()`. The data seed is cfg.SEED, or a random one shared by
+    the DDP workers when it is negative.
+    """
+    dataset_dicts = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    )
+    world_size = comm.get_world_size()
+    total = cfg.SOLVER.IMS_PER_BATCH
+    if total % world_size:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({total}) must be divisible by the number of workers "
+            f"({world_size})."
+        )
+    groups = None
+    if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+        groups = [0 if d["width"] > d["height"] else 1 for d in dataset_dicts]
+    batch_sampler = ResumableBatchSampler(
+        _index_sampler(cfg, dataset_dicts),
+        seed=cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed(),
+        batch_size=total // world_size,
+        groups=groups,
+        rank=comm.get_rank(),
+    )
+    return DataLoader(
+        SeededMapDataset(dataset_dicts, mapper),
+        batch_sampler=batch_sampler,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        collate_fn=trivial_batch_collator,
+        worker_init_fn=worker_init_reset_seed,
+    )
