@@ -1,5 +1,5 @@
 """
-Tests of vfnet.atss.ATSSMatcher on hand-built scenes, plus a loop-based reference of the ATSS
+Tests of vfnet.modeling.atss.ATSSMatcher on hand-built scenes, plus a loop-based reference of the ATSS
 rule (MMDetection's ATSSAssigner) compared on random scenes.
 
 Anchors are built as the detector builds them: per level of stride s and map H x W, locations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from vfnet.atss import ATSSMatcher
+from vfnet.modeling.atss import ATSSMatcher
 
 
 def make_anchors(strides, map_sizes):

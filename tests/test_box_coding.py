@@ -1,11 +1,11 @@
-"""Tests of vfnet.box_coding: point-distance coding and aligned IoU, on hand-worked numbers."""
+"""Tests of vfnet.modeling.box_coding: point-distance coding and aligned IoU, on hand-worked numbers."""
 import math
 
 import pytest
 import torch
 from torchvision.ops import box_iou
 
-from vfnet.box_coding import aligned_iou, boxes_to_distances, distances_to_boxes
+from vfnet.modeling.box_coding import aligned_iou, boxes_to_distances, distances_to_boxes
 
 
 def test_distances_to_boxes_known_numbers():

@@ -1,13 +1,14 @@
 """
-The MMDetection -> Detectron2 VFNet checkpoint converter (vfnet/converter.py) and its tool
-(tools/convert_mmdet_to_d2.py). Runs without MMDetection: MMDetection-style state dicts are
-built from a Detectron2 model's state dict with the inverse mapping, plus the keys only
-MMDetection has (num_batches_tracked); the key names are pinned by a hand-written table and by
-the key counts of MMDetection 3.3.0's own VFNet models.
+The MMDetection -> Detectron2 VFNet checkpoint converter (vfnet/checkpoint/converter.py: the
+key mapping, and the checkpoint files tools/convert_mmdet_to_d2.py converts with it) and the
+tool. Runs without MMDetection: MMDetection-style state dicts are built from a Detectron2
+model's state dict with the inverse mapping, plus the keys only MMDetection has
+(num_batches_tracked); the key names are pinned by a hand-written table and by the key counts
+of MMDetection 3.3.0's own VFNet models.
 """
 
-import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from vfnet.converter import (
+from vfnet.checkpoint.converter import (
     ConversionError,
+    convert_checkpoint_file,
     convert_key,
     convert_mmdet_to_d2,
     d2_to_mmdet,
@@ -229,14 +231,7 @@ def test_extract_state_dict():
         extract_state_dict({"meta": {}, **sd})
 
 
-# --------------------------------------------------------------------------- the tool
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_mmdet_to_d2", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
+# --------------------------------------------- checkpoint files (convert_checkpoint_file), the tool
 def _save_mmdet_checkpoint(path, mm_sd):
     meta = {
         "mmdet_version": "2.6.0",
@@ -276,7 +271,7 @@ def test_tool_output_loads_with_detection_checkpointer(fake, tmp_path):
     variant, d2_sd, mm, cfg = fake
     src, dst = tmp_path / "mmdet.pth", tmp_path / "out" / "d2.pth"
     _save_mmdet_checkpoint(src, mm)
-    _tool().main([str(src), str(dst), "--config-file", os.path.join(REPO, CONFIGS[variant])])
+    convert_checkpoint_file(str(src), str(dst), os.path.join(REPO, CONFIGS[variant]))
     assert _files(dst.parent) == ["d2.pth"]
     saved = torch.load(dst, weights_only=True)
     assert saved["__author__"] == "mmdetection" and saved["matching_heuristics"] is False
@@ -316,8 +311,8 @@ def test_tool_reports_all_shape_problems_and_writes_nothing(tmp_path):
     d2_sd, _ = _d2_state_dict(CONFIGS["r50"], num_classes=3)
     src, dst = tmp_path / "mmdet.pth", tmp_path / "d2.pth"
     _save_mmdet_checkpoint(src, _mmdet_style(d2_sd))
-    with pytest.raises(SystemExit) as e:  # config has 80 classes, the checkpoint 3
-        _tool().main([str(src), str(dst), "--config-file", os.path.join(REPO, CONFIGS["r50"])])
+    with pytest.raises(ConversionError) as e:  # config has 80 classes, the checkpoint 3
+        convert_checkpoint_file(str(src), str(dst), os.path.join(REPO, CONFIGS["r50"]))
     msg = str(e.value)
     assert "2 problem(s)" in msg and "nothing written" in msg
     assert "head.cls_score.weight checkpoint (3, 256, 3, 3) vs model (80, 256, 3, 3)" in msg
@@ -329,8 +324,8 @@ def test_tool_reports_architecture_mismatch(tmp_path):
     d2_sd, _ = _d2_state_dict(CONFIGS["r50"], num_classes=80)
     src, dst = tmp_path / "mmdet.pth", tmp_path / "d2.pth"
     _save_mmdet_checkpoint(src, _mmdet_style(d2_sd))
-    with pytest.raises(SystemExit) as e:
-        _tool().main([str(src), str(dst), "--config-file", os.path.join(REPO, CONFIGS["r50_dcn"])])
+    with pytest.raises(ConversionError) as e:
+        convert_checkpoint_file(str(src), str(dst), os.path.join(REPO, CONFIGS["r50_dcn"]))
     msg = str(e.value)
     assert "missing in checkpoint: backbone.bottom_up.res3.0.conv2_offset.weight" in msg
     assert "missing in checkpoint: head.cls_tower.2.conv_offset.weight" in msg
@@ -344,8 +339,8 @@ def test_tool_refuses_unknown_key_and_keeps_existing_output(tmp_path):
     sd["bbox_head.atss_centerness.weight"] = torch.zeros(1)
     _save_mmdet_checkpoint(src, sd)
     dst.write_bytes(b"previous")
-    with pytest.raises(SystemExit, match="bbox_head.atss_centerness.weight"):
-        _tool().main([str(src), str(dst)])
+    with pytest.raises(ConversionError, match="bbox_head.atss_centerness.weight"):
+        convert_checkpoint_file(str(src), str(dst))
     assert dst.read_bytes() == b"previous"
     assert _files(tmp_path) == ["d2.pth", "mmdet.pth"]
 
@@ -356,10 +351,11 @@ def test_tool_refuses_non_vfnet(tmp_path):
         src,
         {"backbone.conv1.weight": torch.zeros(1), "bbox_head.retina_cls.weight": torch.zeros(1)},
     )
-    with pytest.raises(
-        SystemExit, match=r"Not a VarifocalNet checkpoint.*bbox_head\.vfnet_cls\.weight"
-    ):
-        _tool().main([str(src), str(dst)])
+    # the tool's command line: the error on stderr, exit status 1
+    out = subprocess.run([sys.executable, TOOL, str(src), str(dst)], capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr
+    assert f"\nerror: {src}: Not a VarifocalNet checkpoint" in "\n" + out.stderr, out.stderr
+    assert re.search(r"Not a VarifocalNet checkpoint.*bbox_head\.vfnet_cls\.weight", out.stderr)
     assert _files(tmp_path) == ["retina.pth"]
 
 
@@ -368,15 +364,14 @@ def test_tool_leaves_no_partial_file_when_writing_fails(tmp_path, monkeypatch):
     src, dst = tmp_path / "mmdet.pth", tmp_path / "d2.pth"
     _save_mmdet_checkpoint(src, _mmdet_style(d2_sd))
     dst.write_bytes(b"previous")
-    tool = _tool()
 
     def failing_save(obj, f):
         f.write(b"partial data")
         raise OSError("disk full")
 
-    monkeypatch.setattr(tool.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        tool.main([str(src), str(dst)])
+        convert_checkpoint_file(str(src), str(dst))
     assert dst.read_bytes() == b"previous"
     assert _files(tmp_path) == ["d2.pth", "mmdet.pth"]
 
@@ -388,6 +383,6 @@ class Opaque:
 def test_tool_refuses_unsafe_pickle_without_flag(tmp_path):
     src, dst = tmp_path / "mmdet.pth", tmp_path / "d2.pth"
     torch.save({"meta": {"hook": Opaque()}, "state_dict": _tiny_vfnet()}, src)
-    with pytest.raises(SystemExit, match="allow-unsafe-pickle"):
-        _tool().main([str(src), str(dst)])
+    with pytest.raises(ConversionError, match="allow-unsafe-pickle"):
+        convert_checkpoint_file(str(src), str(dst))
     assert _files(tmp_path) == ["mmdet.pth"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d
 
-from vfnet.deform_conv import DeformConv2d, deform_conv2d_by_gather, deform_conv2d_by_sampling
+from vfnet.layers.deform_conv import DeformConv2d, deform_conv2d_by_gather, deform_conv2d_by_sampling
 
 # The CPU kernels of this project; the gather kernel also in chunks of a few locations, so that
 # chunk borders fall inside images and between the images of the batch.
@@ -118,7 +118,7 @@ def test_auto_resolves_to_the_gather_kernel_on_cpu_and_detectron2_on_cuda():
 
 
 def test_bilinear_corners_weights_sum_to_one_inside_and_drop_outside_pixels():
-    from vfnet.deform_conv import bilinear_corners
+    from vfnet.layers.deform_conv import bilinear_corners
 
     # Image 1 of 2, maps of 3 x 4: a point between pixels, one on a pixel, one half outside
     # (left of column 0) and one wholly outside.

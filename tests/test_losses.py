@@ -1,5 +1,5 @@
 """
-Tests of vfnet.losses against independently written formulas (plain Python floats / float64).
+Tests of vfnet.modeling.losses against independently written formulas (plain Python floats / float64).
 
 Varifocal loss (VarifocalNet eq. 2, MMDetection's VarifocalLoss):
     q > 0: -w * (q * log p + (1 - q) * log(1 - p)),  w = q (iou_weighted) or 1
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from vfnet.losses import iou_weighted_giou_loss, varifocal_loss
+from vfnet.modeling.losses import iou_weighted_giou_loss, varifocal_loss
 
 ALPHA, GAMMA = 0.75, 2.0
 

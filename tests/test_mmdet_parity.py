@@ -2,16 +2,17 @@
 Parity of this project's VFNet with MMDetection's VarifocalNet, through the converter.
 
 Needs MMDetection (skipped without it). Run it with the interpreter of the separate
-virtualenv that has it:
+virtualenv that has it (README: Numerical parity):
 
-    /work/venv-mmdet/bin/python -m pytest tests/test_mmdet_parity.py
+    bash tools/install.sh --parity-env venv-mmdet
+    venv-mmdet/bin/python -m pytest tests/test_mmdet_parity.py -q
 
-The harness is tools/mmdet_parity.py: MMDetection's VFNet built from its official config with
-every tensor perturbed, converted by tools/convert_mmdet_to_d2.py, loaded with
-DetectionCheckpointer, and compared on the same normalised input.
+The harness is vfnet/checkpoint/mmdet_parity.py (run by tools/mmdet_parity.py): MMDetection's
+VFNet built from its official config with every tensor perturbed, converted as
+tools/convert_mmdet_to_d2.py does, loaded with DetectionCheckpointer, and compared on the same
+normalised input.
 """
 
-import importlib.util
 import os
 
 import pytest
@@ -21,20 +22,9 @@ pytest.importorskip("mmdet", reason="MMDetection is not installed (optional: see
 pytest.importorskip("mmengine")
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from vfnet.checkpoint import mmdet_parity as mp  # noqa: E402
+
 REL_TOL = 1e-4
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location(
-        "mmdet_parity", os.path.join(REPO, "tools", "mmdet_parity.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mp = _harness()
 
 
 @pytest.fixture(scope="module", params=["r50", "r50_dcn"])
@@ -56,7 +46,7 @@ def test_every_tensor_perturbed_converted_and_loaded(report):
 
 def test_inverse_mapping_reproduces_mmdet_keys(report):
     """The fake MMDetection checkpoints of tests/test_converter.py have MMDetection's exact keys."""
-    from vfnet.converter import d2_to_mmdet
+    from vfnet.checkpoint.converter import d2_to_mmdet
 
     mm_keys = set(report.objects["mm_model"].state_dict())
     fake = set(d2_to_mmdet(report.objects["d2_model"].state_dict()))
@@ -134,7 +124,7 @@ def test_atss_matcher_matches_mmdet_assigner_with_ties():
     from mmdet.models.task_modules.prior_generators import AnchorGenerator
     from mmengine.structures import InstanceData
 
-    from vfnet.atss import ATSSMatcher
+    from vfnet.modeling.atss import ATSSMatcher
 
     H, W, strides = 256, 384, [8, 16, 32, 64, 128]
     sizes = [(-(-H // s), -(-W // s)) for s in strides]

@@ -167,7 +167,7 @@ def test_deform_conv_kernels_give_the_same_losses_and_gradients_in_float64():
     reaching outside the maps) against torchvision's, losses and every parameter's gradient."""
     import copy
 
-    from vfnet.deform_conv import DeformConv2d
+    from vfnet.layers.deform_conv import DeformConv2d
 
     torch.manual_seed(0)
     model = build_model(small_cfg("MODEL.VFNET.DCN_ON_LAST_CONV", "True")).double().train()
@@ -195,7 +195,7 @@ def test_deform_conv_kernels_give_the_same_losses_and_gradients_in_float64():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_and_cpu_deform_conv_paths_agree():
-    from vfnet.deform_conv import DeformConv2d
+    from vfnet.layers.deform_conv import DeformConv2d
 
     torch.manual_seed(0)
     layer = DeformConv2d(16, 8, impl="auto")

@@ -5,10 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import box_iou
 
-from vfnet.atss import ATSSMatcher
-from vfnet.box_coding import aligned_iou, distances_to_boxes
-from vfnet.losses import iou_weighted_giou_loss, varifocal_loss
-from vfnet.star_dcn import star_dcn_offsets
+from vfnet.modeling.atss import ATSSMatcher
+from vfnet.modeling.box_coding import aligned_iou, distances_to_boxes
+from vfnet.modeling.losses import iou_weighted_giou_loss, varifocal_loss
+from vfnet.modeling.star_dcn import star_dcn_offsets
 
 SETTINGS = settings(max_examples=50, deadline=None)
 

@@ -27,12 +27,13 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 import vfnet  # noqa: E402
-from vfnet import checkpoint as vfnet_checkpoint  # noqa: E402
-from vfnet.checkpoint import CheckpointError, VFNetCheckpointer, load_for_evaluation  # noqa: E402
+from vfnet.checkpoint import detection_checkpoint as vfnet_checkpoint  # noqa: E402
+from vfnet.checkpoint.detection_checkpoint import CheckpointError, VFNetCheckpointer, load_for_evaluation  # noqa: E402
+
+from vfnet import engine  # noqa: E402
+from vfnet.evaluation import VFNetCOCOEvaluator  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import train_net  # noqa: E402
 
 from helpers import RACCOON_IMAGES  # noqa: E402
 TINY = [
@@ -238,7 +239,7 @@ def test_a_config_key_that_does_not_exist_names_it_and_the_nearest_keys(tmp_path
             "Did you mean MODEL.VFNET.NUM_CLASSES"
         ),
     ):
-        train_net.merge_config(cfg, str(config_file), opts)
+        engine.merge_config(cfg, str(config_file), opts)
 
 
 @pytest.fixture
@@ -267,9 +268,9 @@ def test_a_dataset_name_that_is_not_registered_is_refused(tiny_dataset):
         r"dataset with --dataset mine_val=JSON:IMAGE_DIR"
     )
     with pytest.raises(KeyError, match=message):
-        train_net.Trainer(cfg)
+        engine.Trainer(cfg)
     with pytest.raises(KeyError, match=message):  # --eval-only
-        train_net.Trainer.test(cfg, model=None)
+        engine.Trainer.test(cfg, model=None)
 
 
 def test_num_classes_not_matching_the_dataset_is_refused(tiny_dataset):
@@ -281,16 +282,16 @@ def test_num_classes_not_matching_the_dataset_is_refused(tiny_dataset):
             "classes: ['thing']. Set MODEL.VFNET.NUM_CLASSES 1."
         ),
     ):
-        train_net.Trainer(cfg)
+        engine.Trainer(cfg)
     with pytest.raises(ValueError, match="MODEL.VFNET.NUM_CLASSES is 80"):
-        train_net.Trainer.test(dataset_cfg((), (tiny_dataset,), 80), model=None)
-    train_net.check_datasets(dataset_cfg((tiny_dataset,), (tiny_dataset,), 1))
+        engine.Trainer.test(dataset_cfg((), (tiny_dataset,), 80), model=None)
+    engine.check_datasets(dataset_cfg((tiny_dataset,), (tiny_dataset,), 1))
 
 
 def test_evaluating_a_model_that_predicts_nothing_gives_ap_0_with_a_warning(
     tiny_dataset, tmp_path, caplog
 ):
-    evaluator = train_net.VFNetCOCOEvaluator(tiny_dataset, output_dir=str(tmp_path))
+    evaluator = VFNetCOCOEvaluator(tiny_dataset, output_dir=str(tmp_path))
     evaluator.reset()
     record = DatasetCatalog.get(tiny_dataset)[0]
     nothing = Instances(

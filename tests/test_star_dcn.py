@@ -1,12 +1,12 @@
 """
-Tests of vfnet.star_dcn.star_dcn_offsets: hand-worked offsets, the gradient multiplier and the
+Tests of vfnet.modeling.star_dcn.star_dcn_offsets: hand-worked offsets, the gradient multiplier and the
 end-to-end semantics with torchvision.ops.deform_conv2d.
 """
 import pytest
 import torch
 from torchvision.ops import deform_conv2d
 
-from vfnet.star_dcn import star_dcn_offsets
+from vfnet.modeling.star_dcn import star_dcn_offsets
 
 # Regular 3x3 grid positions (dy, dx) of kernel points k = 0..8 (row-major).
 GRID = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1)]

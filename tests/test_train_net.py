@@ -96,8 +96,7 @@ def test_optimizer_follows_the_official_schedule():
 
     import vfnet
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from train_net import Trainer
+    from vfnet.engine import Trainer
 
     cfg = get_cfg()
     vfnet.add_vfnet_config(cfg)

@@ -1,5 +1,5 @@
 """
-tools/train_net.py in one process under settings whose runs are bitwise reproducible on any CPU
+What tools/train_net.py runs, in one process under settings whose runs are bitwise reproducible on any CPU
 (one thread, torch's deterministic algorithms), optionally killing itself with SIGKILL, as a
 pre-empted cluster job is killed, for tests/test_robustness_runs.py.
 
@@ -13,15 +13,12 @@ on disk under FILE_NAME.tmp and not yet renamed.
 import argparse
 import os
 import signal
-import sys
 
 import torch
 
 from detectron2.engine import HookBase
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import train_net  # noqa: E402
+from vfnet import engine
 
 
 def kill_self():
@@ -49,12 +46,12 @@ def main():
     torch.use_deterministic_algorithms(True)
 
     if args.kill_after_iter is not None:
-        build_hooks = train_net.Trainer.build_hooks
+        build_hooks = engine.Trainer.build_hooks
 
         def build_hooks_and_kill(self):
             return build_hooks(self) + [KillAfterIteration(args.kill_after_iter)]
 
-        train_net.Trainer.build_hooks = build_hooks_and_kill
+        engine.Trainer.build_hooks = build_hooks_and_kill
     if args.kill_writing is not None:
         replace = os.replace
 
@@ -65,8 +62,7 @@ def main():
 
         os.replace = replace_or_kill
 
-    sys.argv = [os.path.join(ROOT, "tools", "train_net.py")] + train_net_args
-    train_net.invoke_main()
+    engine.main(engine.default_argument_parser().parse_args(train_net_args))
 
 
 if __name__ == "__main__":

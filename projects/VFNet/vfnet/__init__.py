@@ -1,15 +1,15 @@
 """
 VarifocalNet for Detectron2.
 
-``import vfnet`` registers the meta-architecture "VFNet" and the backbone
-"build_vfnet_resnet_fpn_backbone" with Detectron2, and the project's datasets. The pure
-algorithms (losses, ATSS, box coding, star offsets, the dataset generator) import without
-Detectron2.
+``import vfnet`` registers the meta-architecture "VFNet", the backbone
+"build_vfnet_resnet_fpn_backbone" and the project's datasets with Detectron2. The pure
+algorithms (ATSS, losses, box coding, star offsets, the deformable-conv kernels, the dataset
+generator) import without Detectron2. The layout follows Detectron2's: see docs/ARCHITECTURE.md.
 """
-from .atss import ATSSMatcher
-from .box_coding import aligned_iou, boxes_to_distances, distances_to_boxes
-from .losses import iou_weighted_giou_loss, varifocal_loss
-from .star_dcn import star_dcn_offsets
+from .modeling.atss import ATSSMatcher
+from .modeling.box_coding import aligned_iou, boxes_to_distances, distances_to_boxes
+from .modeling.losses import iou_weighted_giou_loss, varifocal_loss
+from .modeling.star_dcn import star_dcn_offsets
 
 try:
     import detectron2  # noqa: F401
@@ -17,10 +17,10 @@ except ModuleNotFoundError:
     HAS_DETECTRON2 = False
 else:
     HAS_DETECTRON2 = True
-    from .backbone import build_vfnet_resnet_fpn_backbone
     from .config import add_vfnet_config
     from .data.datasets import register_coco_dataset, register_shapes_datasets
-    from .head import VFNetHead
-    from .meta_arch import VFNet
+    from .modeling.backbone import build_vfnet_resnet_fpn_backbone
+    from .modeling.meta_arch import VFNet
+    from .modeling.vfnet_head import VFNetHead
 
     register_shapes_datasets()

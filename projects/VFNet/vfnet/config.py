@@ -1,3 +1,4 @@
+"""The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`) and their defaults."""
 from detectron2.config import CfgNode as CN
 
 

@@ -1,6 +1,7 @@
 """
 Losses of VarifocalNet: the varifocal loss on IoU-aware classification scores and the
 IoU-weighted GIoU loss on boxes.
+Pure torch (no Detectron2).
 """
 from typing import Tuple
 import torch

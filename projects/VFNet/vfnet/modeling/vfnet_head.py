@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 
-from .deform_conv import DeformConv2d
+from ..layers.deform_conv import DeformConv2d
 from .star_dcn import star_dcn_offsets
 
 

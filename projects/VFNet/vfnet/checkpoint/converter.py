@@ -25,10 +25,18 @@ official VarifocalNet release, which use the same names):
   (``dcn_on_last_conv``, keys ``.conv.weight`` + ``.conv.conv_offset.*``) is this project's
   ``ModulatedDeformConvBlock`` (``.conv.weight``, ``.conv_offset.*``, ``.norm.*``).
 
-This module imports only torch (no Detectron2, no MMDetection).
+Checkpoint files (what tools/convert_mmdet_to_d2.py runs): :func:`convert_checkpoint_file` reads
+an MMDetection checkpoint with the safe loader (:func:`load_checkpoint`), converts it, optionally
+checks it against a config's model (:func:`check_against_model`) and writes it atomically
+(:func:`save_atomic`).
+
+This module imports only torch (no Detectron2, no MMDetection); :func:`check_against_model`
+imports Detectron2 when it is called.
 """
 
+import os
 import re
+import tempfile
 from collections import OrderedDict
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -39,11 +47,15 @@ __all__ = [
     "ConversionError",
     "RULES",
     "VFNET_MARKER_KEY",
+    "check_against_model",
+    "convert_checkpoint_file",
     "convert_mmdet_to_d2",
     "convert_key",
     "describe_mmdet_state_dict",
     "extract_state_dict",
     "d2_to_mmdet",
+    "load_checkpoint",
+    "save_atomic",
 ]
 
 # A checkpoint without this key has no VFNet head.
@@ -488,3 +500,163 @@ def d2_to_mmdet(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
         else:
             raise ConversionError(f"No inverse rule for Detectron2 key '{key}'.")
     return out
+
+
+# ---------------------------------------------------------------------------- checkpoint files
+def load_checkpoint(path: str, allow_unsafe: bool = False):
+    """
+    torch.load with ``weights_only=True``. MMDetection checkpoints carry a ``meta`` dict
+    (versions, class names, config text, sometimes numpy scalars); the numpy scalar/dtype
+    reconstructors are allow-listed for the safe loader. Anything else needs ``allow_unsafe``
+    (a full unpickling, only for files you trust; the tool's ``--allow-unsafe-pickle``).
+
+    Raises:
+        ConversionError: the safe loader refuses the file and `allow_unsafe` is False.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # noqa: BLE001 - re-raised below with context
+        error = first
+    try:
+        import numpy as np
+
+        allowed = [np.dtype, np.ndarray]
+        for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            try:
+                allowed.append(__import__(mod, fromlist=["scalar"]).scalar)
+                allowed.append(__import__(mod, fromlist=["_reconstruct"])._reconstruct)
+            except (ImportError, AttributeError):
+                pass
+        allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int32", "int64", "bool")]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as second:  # noqa: BLE001
+        error = second
+    if allow_unsafe:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    raise ConversionError(
+        f"cannot load '{path}' with torch.load(weights_only=True): {error}\n"
+        "If you trust this file, rerun with --allow-unsafe-pickle."
+    )
+
+
+def check_against_model(converted: Mapping[str, Tensor], config_file: str, opts=()) -> List[str]:
+    """
+    Build the model of `config_file` (with the overrides `opts`, KEY VALUE pairs) on the CPU;
+    return a list of problems of `converted` against its state dict (empty when it fits).
+    Needs Detectron2.
+    """
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from ..config import add_vfnet_config
+
+    cfg = get_cfg()
+    add_vfnet_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    model_sd = build_model(cfg).state_dict()
+    problems = []
+    for k in model_sd:
+        if k not in converted:
+            problems.append(f"missing in checkpoint: {k} {tuple(model_sd[k].shape)}")
+    for k, v in converted.items():
+        if k not in model_sd:
+            problems.append(f"not in the model: {k} {tuple(v.shape)}")
+        elif tuple(v.shape) != tuple(model_sd[k].shape):
+            problems.append(
+                f"shape mismatch: {k} checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
+            )
+    return problems
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file next to `path`, then rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def convert_checkpoint_file(
+    src: str,
+    dst: str,
+    config_file: str = "",
+    opts=(),
+    allow_unsafe: bool = False,
+) -> str:
+    """
+    Convert the MMDetection checkpoint file `src` and write
+    ``{"model": state_dict, "__author__": "mmdetection", "matching_heuristics": False}`` to
+    `dst` (atomically: a failure leaves no partial file). With `config_file` (and the config
+    overrides `opts`) every key and shape is first checked against that config's model
+    (:func:`check_against_model`, needs Detectron2); all problems are reported at once and
+    nothing is written.
+
+    Returns:
+        the summary tools/convert_mmdet_to_d2.py prints (lines: source, tensor counts,
+        architecture, check, output).
+
+    Raises:
+        ConversionError: `src` is missing, is `dst`, cannot be loaded safely (see
+            :func:`load_checkpoint`) or converted, does not fit the config, or `opts` are given
+            without `config_file`.
+    """
+    if not os.path.isfile(src):
+        raise ConversionError(f"no such file: {src}")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ConversionError("the output would overwrite the input.")
+    checkpoint = load_checkpoint(src, allow_unsafe)
+    try:
+        state_dict = extract_state_dict(checkpoint)
+        converted, report = convert_mmdet_to_d2(state_dict)
+    except ConversionError as e:
+        raise ConversionError(f"{src}: {e}") from None
+    info = describe_mmdet_state_dict(state_dict)
+
+    if config_file:
+        problems = check_against_model(converted, config_file, opts)
+        if problems:
+            lines = "\n  ".join(problems)
+            raise ConversionError(
+                f"the converted checkpoint does not fit {config_file} "
+                f"({len(problems)} problem(s)); nothing written:\n  {lines}"
+            )
+    elif opts:
+        raise ConversionError("config overrides need --config-file.")
+
+    save_atomic(
+        {"model": converted, "__author__": "mmdetection", "matching_heuristics": False}, dst
+    )
+    meta = checkpoint.get("meta", {}) if isinstance(checkpoint, dict) else {}
+    version = meta.get("mmdet_version") if isinstance(meta, dict) else None
+    summary = [
+        f"{src}" + (f" (mmdet {version})" if version else ""),
+        f"  {len(state_dict)} tensors -> {len(converted)} "
+        f"({len(report['dropped'])} num_batches_tracked dropped, "
+        f"{len(report['stacked'])} per-level scales stacked into head.scales/head.scales_refine)",
+        "  architecture: ResNet{depth} blocks {blocks} groups {g} x width {w}, DCNv2 in {dcn}, "
+        "DCN tower conv: {tower}, {k} classes, {lv} levels".format(
+            depth=info["depth"] or "?",
+            blocks=info["blocks_per_stage"],
+            g=info["num_groups"],
+            w=info["width_per_group"],
+            dcn=info["deform_stages"] or "none",
+            tower=info["dcn_on_last_conv"],
+            k=info["num_classes"],
+            lv=info["num_levels"],
+        ),
+    ]
+    if config_file:
+        summary.append(f"  checked against {config_file}: every key and shape matches")
+    summary.append(f"  wrote {dst}")
+    return "\n".join(summary)

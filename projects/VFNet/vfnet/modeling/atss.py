@@ -1,6 +1,7 @@
 """
 Adaptive Training Sample Selection (Zhang et al., "Bridging the Gap Between Anchor-based and
 Anchor-free Detection via Adaptive Training Sample Selection", CVPR 2020).
+Pure torch (no Detectron2).
 """
 from typing import List
 import torch

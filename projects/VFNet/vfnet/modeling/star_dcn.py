@@ -1,6 +1,7 @@
 """
 Star-shaped sampling offsets of VarifocalNet's deformable convolutions: the 3x3 kernel samples
 the location itself, the midpoints of the box's four sides and its four corners.
+Pure torch (no Detectron2).
 """
 import torch
 from torch import Tensor

@@ -1,6 +1,7 @@
 """
 Point-distance box coding used by VFNet: a box is encoded at a location (x, y) as its distances
 (l, t, r, b) to the four box sides.
+Pure torch (no Detectron2).
 """
 import torch
 from torch import Tensor

@@ -1,7 +1,8 @@
 """
 A deformable convolution layer whose one weight tensor runs on Detectron2's CUDA kernel,
 torchvision's `deform_conv2d`, a bilinear gather plus a 1x1 convolution (the fastest on CPU), or
-`grid_sample` plus a matrix product (exportable to ONNX).
+`grid_sample` plus a matrix product (exportable to ONNX). Imports Detectron2 only to run its
+kernel.
 """
 import math
 from typing import Optional, Tuple

@@ -1,3 +1,7 @@
+"""
+The backbone of VFNet: Detectron2's ResNet and FPN with P6/P7 from the P5 output, and the
+deformable convs of its DCN stages swapped for ones that also run (and train) on CPU.
+"""
 from torch import Tensor
 from torchvision.ops import deform_conv2d
 

@@ -20,10 +20,10 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .atss import ATSSMatcher
-from .box_coding import distances_to_boxes
-from .head import VFNetHead
-from .losses import iou_weighted_giou_loss, varifocal_loss
+from ..atss import ATSSMatcher
+from ..box_coding import distances_to_boxes
+from ..losses import iou_weighted_giou_loss, varifocal_loss
+from ..vfnet_head import VFNetHead
 
 __all__ = ["VFNet"]
 

@@ -1,0 +1,198 @@
+"""
+The training loop of the project's tools: Detectron2's DefaultTrainer with this project's
+checkpointer, resumable data loader, mapper and evaluator, and what tools/train_net.py runs.
+"""
+import difflib
+import os
+import re
+import weakref
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import defaults as d2_defaults
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint.detection_checkpoint import VFNetCheckpointer, load_for_evaluation
+from ..config import add_vfnet_config
+from ..data.build import build_resumable_train_loader
+from ..data.datasets import register_coco_dataset
+from ..data.mapper import VFNetDatasetMapper
+from ..evaluation import VFNetCOCOEvaluator
+
+__all__ = [
+    "Trainer",
+    "check_datasets",
+    "default_argument_parser",
+    "main",
+    "merge_config",
+    "setup",
+]
+
+_create_ddp_model = d2_defaults.create_ddp_model
+
+
+def create_ddp_model(model, **kwargs):
+    """
+    Detectron2's `create_ddp_model`, which DefaultTrainer calls, also for CPU workers (gloo, as
+    `launch` starts them without GPUs): DistributedDataParallel takes no device_ids for a CPU
+    model.
+    """
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _create_ddp_model(model, **kwargs)
+
+
+d2_defaults.create_ddp_model = create_ddp_model
+
+
+def check_datasets(cfg, keys=("TRAIN", "TEST")):
+    """
+    Refuse a dataset of DATASETS.TRAIN or DATASETS.TEST (`keys`) that is not registered, or
+    whose number of classes (its metadata's thing_classes) is not the model's NUM_CLASSES.
+    """
+    registered = set(DatasetCatalog.list())
+    # The config node that holds the model's number of classes (train_net also trains
+    # Detectron2's RetinaNet, for comparisons).
+    head = {"VFNet": "VFNET", "RetinaNet": "RETINANET"}.get(cfg.MODEL.META_ARCHITECTURE, "VFNET")
+    for key in keys:
+        for name in cfg.DATASETS[key]:
+            if name not in registered:
+                raise KeyError(
+                    f"DATASETS.{key} names dataset '{name}', which is not registered. Register a "
+                    f"COCO-format dataset with --dataset {name}=JSON:IMAGE_DIR, or use a name "
+                    f"registered by Detectron2 or vfnet (e.g. coco_2017_val, vfnet_shapes_val)."
+                )
+            classes = MetadataCatalog.get(name).get("thing_classes")
+            if classes is not None and len(classes) != cfg.MODEL[head].NUM_CLASSES:
+                raise ValueError(
+                    f"MODEL.{head}.NUM_CLASSES is {cfg.MODEL[head].NUM_CLASSES}, but dataset "
+                    f"'{name}' (DATASETS.{key}) has {len(classes)} classes: {classes[:10]}"
+                    f"{' ...' if len(classes) > 10 else ''}. Set MODEL.{head}.NUM_CLASSES "
+                    f"{len(classes)}."
+                )
+
+
+class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        check_datasets(cfg)
+        super().__init__(cfg)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ builds its DetectionCheckpointer just before it calls
+        # build_hooks: replace it before the PeriodicCheckpointer hook takes it.
+        self.checkpointer = VFNetCheckpointer(
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        return super().build_hooks()
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        # The batches go on from the iteration the run starts at (vfnet/data/samplers.py).
+        self._trainer.data_loader.batch_sampler.start_iter = self.start_iter
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["data_loader"] = self._trainer.data_loader.batch_sampler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "data_loader" in state_dict:  # checkpoints of this project before 2026-12
+            self._trainer.data_loader.batch_sampler.load_state_dict(state_dict["data_loader"])
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_resumable_train_loader(cfg, VFNetDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=VFNetDatasetMapper(cfg, is_train=False)
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        return VFNetCOCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        check_datasets(cfg, keys=("TEST",))
+        return super().test(cfg, model, evaluators)
+
+
+def default_argument_parser(epilog=None):
+    """Detectron2's `default_argument_parser`, with `--dataset NAME=JSON:IMAGE_DIR`."""
+    parser = d2_defaults.default_argument_parser(epilog)
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=JSON:IMAGE_DIR",
+        help="register a COCO-format dataset under NAME (repeatable)",
+    )
+    return parser
+
+
+def _config_keys(cfg, prefix=""):
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            yield from _config_keys(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def merge_config(cfg, config_file, opts):
+    """
+    `cfg.merge_from_file(config_file)` then `cfg.merge_from_list(opts)`; a key that does not
+    exist raises a KeyError that names it, where it comes from and the nearest existing keys.
+    """
+    for source, merge in (
+        (f"config file '{config_file}'", lambda: cfg.merge_from_file(config_file)),
+        ("command line", lambda: cfg.merge_from_list(opts)),
+    ):
+        try:
+            merge()
+        except (KeyError, AssertionError) as e:  # yacs raises either, depending on the source
+            found = re.search(r"Non-existent (?:config )?key: (\S+?)'?$", str(e))
+            if not found:
+                raise
+            key = found.group(1)
+            close = difflib.get_close_matches(key, list(_config_keys(cfg)), n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise KeyError(f"Config key {key} ({source}) does not exist.{hint}") from None
+
+
+def setup(args):
+    """The frozen config of `args` (config file, then overrides), set up as Detectron2 does."""
+    cfg = get_cfg()
+    add_vfnet_config(cfg)
+    merge_config(cfg, args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vfnet")
+    return cfg
+
+
+def main(args):
+    """
+    What tools/train_net.py runs in each worker: register the `--dataset`s, then train (resuming
+    with `--resume`), or with `--eval-only` evaluate the weights.
+    """
+    cfg = setup(args)
+    # Registered in every worker process (launch() starts them fresh); the image files are
+    # checked once.
+    for spec in args.dataset:
+        register_coco_dataset(spec, check_files=comm.is_main_process())
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        load_for_evaluation(model, cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, resume=args.resume)
+        return Trainer.test(cfg, model)
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()

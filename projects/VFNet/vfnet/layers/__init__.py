@@ -1,0 +1,10 @@
+"""
+Operators with no model knowledge. They import no Detectron2 (the Detectron2 kernel of
+`DeformConv2d` is imported when it runs).
+"""
+from .deform_conv import (
+    DEFORM_CONV_IMPLS,
+    DeformConv2d,
+    deform_conv2d_by_gather,
+    deform_conv2d_by_sampling,
+)

@@ -1,0 +1,6 @@
+"""Backbones registered with Detectron2's BACKBONE_REGISTRY."""
+from .resnet_fpn import (
+    AnyDeviceDeformConv,
+    AnyDeviceModulatedDeformConv,
+    build_vfnet_resnet_fpn_backbone,
+)

@@ -1,0 +1,1 @@
+"""The logic of the project's tools/ scripts: benchmarks and training-curve plots."""

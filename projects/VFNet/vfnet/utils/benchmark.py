@@ -1,0 +1,360 @@
+"""
+Speed and memory of VFNet against Detectron2's FCOS and RetinaNet, and ATSS's scaling (what
+tools/benchmark.py runs). Imports Detectron2.
+"""
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from detectron2.config import get_cfg, instantiate
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from ..config import add_vfnet_config
+from ..data.datasets import register_coco_dataset
+from ..data.mapper import VFNetDatasetMapper
+
+# In the repository's configs/ (the package is installed in development mode from projects/VFNet/).
+VFNET_CONFIG = os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "configs", "VFNet_R_50_FPN_1x.yaml")
+)
+MODELS = ("VFNet", "FCOS", "RetinaNet")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model construction (in the worker process)
+
+
+def build(name, device, opts=()):
+    from detectron2 import model_zoo  # here, in the worker: its import warns (pkg_resources)
+
+    if name == "FCOS":  # Detectron2 has FCOS as a LazyConfig only
+        cfg = model_zoo.get_config("COCO-Detection/fcos_R_50_FPN_1x.py")
+        cfg.model.test_score_thresh = 0.0
+        model = instantiate(cfg.model)
+    else:
+        cfg = get_cfg()
+        if name == "VFNet":
+            add_vfnet_config(cfg)
+            cfg.merge_from_file(VFNET_CONFIG)
+            cfg.MODEL.VFNET.TEST_SCORE_THRESH = 0.0
+            cfg.merge_from_list(list(opts))
+        else:
+            cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+            cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+        cfg.MODEL.DEVICE = device
+        model = build_model(cfg)
+    return model.to(device)
+
+
+def random_instances(h, w, num_boxes, num_classes=80, generator=None):
+    xy = torch.rand(num_boxes, 2, generator=generator) * torch.tensor([w * 0.8, h * 0.8])
+    wh = (torch.rand(num_boxes, 2, generator=generator) * 0.5 + 0.02) * torch.tensor([w, h])
+    boxes = torch.cat([xy, (xy + wh).min(torch.tensor([w - 1.0, h - 1.0]))], dim=1)
+    classes = torch.randint(0, num_classes, (num_boxes,), generator=generator)
+    return Instances((h, w), gt_boxes=Boxes(boxes), gt_classes=classes)
+
+
+def dataset_inputs(args, count):
+    """The first `count` images of the dataset --images (boxes and classes included), read and
+    resized as VFNet_R_50_FPN_1x.yaml's training loader would, without random flips."""
+    for spec in args.dataset:
+        register_coco_dataset(spec, check_files=False)
+    cfg = get_cfg()
+    add_vfnet_config(cfg)
+    cfg.merge_from_file(VFNET_CONFIG)
+    cfg.INPUT.RANDOM_FLIP = "none"
+    mapper = VFNetDatasetMapper(cfg, is_train=True)
+    records = DatasetCatalog.get(args.images)[:count]
+    return [{"image": d["image"].float().to(args.device), "instances": d["instances"]} for d in map(mapper, records)]
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(args):
+    if not args.amp:
+        return nullcontext()
+    return torch.autocast(args.device, dtype=torch.float16 if args.device == "cuda" else torch.bfloat16)
+
+
+def timed(fn, args):
+    """Median seconds of `fn()` over args.iters runs after args.warmup runs."""
+    for _ in range(args.warmup):
+        fn()
+    times = []
+    for _ in range(args.iters):
+        sync(args.device)
+        start = time.perf_counter()
+        fn()
+        sync(args.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements (each runs in its own process)
+
+
+def measure_inference(name, args):
+    model = build(name, args.device).eval()
+    if args.images:
+        inputs = [{"image": dataset_inputs(args, 1)[0]["image"]}]
+    else:
+        h, w = args.size
+        inputs = [{"image": torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)).to(args.device) * 255}]
+    h, w = inputs[0]["image"].shape[1:]
+    result = {}
+    with torch.no_grad(), autocast(args):
+        result["total"] = timed(lambda: model(inputs), args)
+        if name == "VFNet":
+            images = model.preprocess_image(inputs)
+            features = model.backbone(images.tensor)
+            features = [features[f] for f in model.head_in_features]
+            predictions = model.head(features)
+
+            def postprocess():
+                out = model.forward_inference(images, features, predictions)
+                return detector_postprocess(out[0], h, w)
+
+            result["backbone+FPN"] = timed(lambda: model.backbone(model.preprocess_image(inputs).tensor), args)
+            result["head"] = timed(lambda: model.head(features), args)
+            result["post-processing"] = timed(postprocess, args)
+    result["peak_memory_mb"] = peak_memory_mb(args.device)
+    return result
+
+
+def measure_training(name, args):
+    model = build(name, args.device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    h, w = args.train_size
+    g = torch.Generator().manual_seed(0)
+    batch = dataset_inputs(args, args.train_batch) if args.images else [
+        {"image": (torch.rand(3, h, w, generator=g) * 255).to(args.device),
+         "instances": random_instances(h, w, args.train_boxes, generator=g)}
+        for _ in range(args.train_batch)
+    ]  # fmt: skip
+    scaler = torch.amp.GradScaler(enabled=args.amp and args.device == "cuda")
+
+    def step():
+        with autocast(args):
+            losses = model(batch)
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = {}
+    with EventStorage(0):
+        result["total"] = timed(step, args)
+        if name == "VFNet":
+            result.update(vfnet_training_split(model, optimizer, batch, args))
+    result["peak_memory_mb"] = peak_memory_mb(args.device)
+    return result
+
+
+def vfnet_training_split(model, optimizer, batch, args):
+    """Median time of each part of a VFNet training step, timed in sequence within one step."""
+    parts = {k: [] for k in ("backbone", "head forward", "ATSS + targets", "losses", "backward + step")}
+
+    def clock():
+        sync(args.device)
+        return time.perf_counter()
+
+    for i in range(args.warmup + args.iters):
+        t0 = clock()
+        with autocast(args):
+            images = model.preprocess_image(batch)
+            features = model.backbone(images.tensor)
+            features = [features[f] for f in model.head_in_features]
+            t1 = clock()
+            logits, boxes_init, boxes_refine = model.head(features)
+            t2 = clock()
+            logits, boxes_init, boxes_refine = model._transpose_dense_predictions(
+                [logits, boxes_init, boxes_refine], [model.num_classes, 4, 4]
+            )
+            anchors = model.anchor_generator(features)
+            gt = [x["instances"].to(model.device) for x in batch]
+            gt_labels, gt_boxes = model.label_anchors(anchors, gt)
+            t3 = clock()
+            losses = model.losses(anchors, logits, boxes_init, boxes_refine, gt_labels, gt_boxes)
+            t4 = clock()
+        sum(losses.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t5 = clock()
+        if i >= args.warmup:
+            for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                parts[key].append(dt)
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
+def measure_atss(num_boxes, size, args):
+    """Time and peak memory of ATSS + targets for a batch of 2 images of `size` with
+    `num_boxes` ground-truth boxes each, on VFNet's P3-P7 anchors."""
+    # A VFNet with a small backbone, so that the process's peak memory is mostly ATSS's.
+    model = build("VFNet", args.device, ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                                         "MODEL.FPN.OUT_CHANNELS", "32"])  # fmt: skip
+    h, w = size
+    features = [torch.empty(1, 1, -(-h // s), -(-w // s), device=args.device) for s in (8, 16, 32, 64, 128)]
+    anchors = model.anchor_generator(features)
+    g = torch.Generator().manual_seed(0)
+    gt = [random_instances(h, w, num_boxes, generator=g).to(args.device) for _ in range(2)]
+    before = peak_memory_mb(args.device)
+    seconds = timed(lambda: model.label_anchors(anchors, gt), args)
+    return {"seconds": seconds, "extra_memory_mb": peak_memory_mb(args.device) - before,
+            "locations": sum(len(a) for a in anchors)}  # fmt: skip
+
+
+def _worker(fn_name, fn_args, args, queue):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        queue.put(("ok", globals()[fn_name](*fn_args, args)))
+    except Exception as e:  # reported in the parent, with the measurement's name
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def in_fresh_process(fn_name, fn_args, args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(fn_name, fn_args, args, queue))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{fn_name}{fn_args}: {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+
+def table(title, header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = [title, "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine():
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }  # fmt: skip
+
+
+def ratio_rows(results):
+    rows = []
+    for name in MODELS:
+        r = results[name]
+        rows.append([name, f"{r['total']:.3f}", f"{r['peak_memory_mb']:.0f}",
+                     f"{results['VFNet']['total'] / r['total']:.2f}"])  # fmt: skip
+    return rows
+
+
+def run_benchmark(args):
+    """Run the measurements that `args` (tools/benchmark.py's arguments) ask for, each in a fresh
+    process; print their tables and write --json and --plot."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {"machine": machine(), "args": vars(args)}
+    print(f"Machine: {report['machine']}\n")
+    mem = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
+    amp = " (AMP)" if args.amp else ""
+
+    if not args.skip_inference:
+        results = {m: in_fresh_process("measure_inference", (m,), args) for m in MODELS}
+        report["inference"] = results
+        h, w = args.size
+        where = f"the first image of '{args.images}'" if args.images else f"{h}x{w}"
+        print(table(f"Inference{amp}, batch 1, {where}, median s/image",
+                    ["model", "s/image", mem, "VFNet / model"], ratio_rows(results)))  # fmt: skip
+        v = results["VFNet"]
+        parts = ["backbone+FPN", "head", "post-processing"]
+        print(table("\nVFNet inference split", ["part", "s", "share"],
+                    [[k, f"{v[k]:.3f}", f"{v[k] / v['total']:.0%}"] for k in parts]) + "\n")  # fmt: skip
+
+    if not args.skip_training:
+        results = {m: in_fresh_process("measure_training", (m,), args) for m in MODELS}
+        report["training"] = results
+        h, w = args.train_size
+        where = f"images of '{args.images}'" if args.images else f"{h}x{w}, {args.train_boxes} boxes/image"
+        print(table(f"Training step{amp} (forward + backward + SGD step), batch {args.train_batch}, "
+                    f"{where}, median s/iter",
+                    ["model", "s/iter", mem, "VFNet / model"], ratio_rows(results)))  # fmt: skip
+        v = results["VFNet"]
+        parts = ["backbone", "head forward", "ATSS + targets", "losses", "backward + step"]
+        print(table("\nVFNet training split (timed part by part)", ["part", "s", "share of the sum"],
+                    [[k, f"{v[k]:.3f}", f"{v[k] / sum(v[p] for p in parts):.0%}"] for k in parts]) + "\n")  # fmt: skip
+
+    if not args.skip_scaling:
+        by_boxes = {n: in_fresh_process("measure_atss", (n, tuple(args.atss_size)), args) for n in args.atss_boxes}
+        sizes = [(s, s * 4 // 3) for s in args.atss_sizes]
+        by_size = {f"{h}x{w}": in_fresh_process("measure_atss", (100, (h, w)), args) for h, w in sizes}
+        report["atss_by_boxes"], report["atss_by_size"] = by_boxes, by_size
+        h, w = args.atss_size
+        print(table(f"ATSS + targets, 2 images of {h}x{w}, against boxes per image",
+                    ["boxes", "locations", "ms", "extra peak MB"],
+                    [[n, r["locations"], f"{r['seconds'] * 1e3:.1f}", f"{r['extra_memory_mb']:.0f}"]
+                     for n, r in by_boxes.items()]))  # fmt: skip
+        print(table("\nATSS + targets, 2 images, 100 boxes each, against image size",
+                    ["size", "locations", "ms", "extra peak MB"],
+                    [[k, r["locations"], f"{r['seconds'] * 1e3:.1f}", f"{r['extra_memory_mb']:.0f}"]
+                     for k, r in by_size.items()]))  # fmt: skip
+        if args.plot:
+            plot_scaling(by_boxes, by_size, args.plot)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def plot_scaling(by_boxes, by_size, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    boxes = [n for n in by_boxes if n > 0]
+    a.loglog(boxes, [by_boxes[n]["seconds"] * 1e3 for n in boxes], "o-")
+    a.set_xlabel("ground-truth boxes per image")
+    a.set_ylabel("ATSS + targets, ms (2 images)")
+    a.grid(True, which="both", alpha=0.3)
+    locations = [r["locations"] for r in by_size.values()]
+    b.plot(locations, [r["seconds"] * 1e3 for r in by_size.values()], "o-")
+    b.set_xlabel("locations per image (P3-P7), 100 boxes")
+    b.set_ylabel("ms (2 images)")
+    b.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+

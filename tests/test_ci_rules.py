@@ -1,0 +1,121 @@
+"""
+The rule of tests/conftest.py: with CI=true a test skipped for want of Detectron2 fails, and with
+VFNET_REQUIRE=mmdet one skipped for want of MMDetection fails; without them they skip.
+
+Each case runs pytest on a small test file with this project's conftest.py (pytester), and a
+stand-in `detectron2` / `mmdet` module on the path, so the cases hold with or without the real
+packages.
+"""
+
+import os
+
+import pytest
+
+CONFTEST = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")).read()
+D2_REASON = "Detectron2 is not installed (see README: Install)"
+MMDET_REASON = "MMDetection is not installed (optional: see README, parity with MMDetection)"
+
+TESTS = f"""
+import pytest
+
+def test_needs_detectron2():
+    pytest.skip({D2_REASON!r})
+
+def test_needs_mmdet():
+    pytest.skip({MMDET_REASON!r})
+
+def test_needs_mmdet_importorskip():
+    pytest.importorskip("vfnet_no_such_module_mmdet")  # "could not import '...mmdet'"
+
+@pytest.mark.skipif(True, reason={D2_REASON!r})
+def test_marked():
+    pass
+
+def test_needs_gpu():
+    pytest.skip("needs a CUDA GPU")
+
+def test_plain():
+    pass
+"""
+
+
+@pytest.fixture
+def run(pytester, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("VFNET_REQUIRE", raising=False)
+    monkeypatch.setenv("COLUMNS", "400")  # untruncated short summaries
+    pytester.makeconftest(CONFTEST)
+    pytester.mkpydir("detectron2")  # stand-ins: the required modules import
+    pytester.mkpydir("mmdet")
+    pytester.syspathinsert()
+
+    def run(env=None, tests=TESTS, subprocess=False):
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        pytester.makepyfile(test_it=tests)
+        if subprocess:
+            return pytester.runpytest_subprocess("-rfEs")
+        return pytester.runpytest("-rfEs", "-p", "no:cacheprovider")
+
+    return run
+
+
+def test_without_ci_the_skips_skip(run):
+    result = run()
+    result.assert_outcomes(passed=1, skipped=5)
+
+
+def test_ci_true_fails_a_detectron2_skip(run):
+    result = run({"CI": "true"})
+    # A skip in setup (the skipif mark) that fails is reported as an error.
+    result.assert_outcomes(passed=1, skipped=3, failed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "FAILED test_it.py::test_needs_detectron2 - *required here (CI=true)*Detectron2 is not installed*",
+        "ERROR test_it.py::test_marked - *Detectron2 is not installed*",
+    ])  # fmt: skip
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_vfnet_require_fails_an_mmdet_skip(run):
+    result = run({"VFNET_REQUIRE": "mmdet"})
+    result.assert_outcomes(passed=1, skipped=3, failed=2)
+    result.stdout.fnmatch_lines([
+        "FAILED test_it.py::test_needs_mmdet - *(VFNET_REQUIRE=mmdet)*MMDetection is not installed*",
+        "FAILED test_it.py::test_needs_mmdet_importorskip - *could not import*",
+    ])  # fmt: skip
+
+
+def test_ci_true_with_vfnet_require(run):
+    result = run({"CI": "true", "VFNET_REQUIRE": "mmdet"})
+    result.assert_outcomes(passed=1, skipped=1, failed=3, errors=1)
+
+
+def test_module_level_importorskip(run):
+    tests = f"""
+import pytest
+pytest.importorskip("vfnet_no_such_module", reason={D2_REASON!r})
+
+def test_a():
+    pass
+"""
+    run(tests=tests).assert_outcomes(skipped=1)
+    result = run({"CI": "true"}, tests=tests)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*skipped for want of detectron2*: Detectron2 is not installed*"])
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # an error in collection
+
+
+def test_a_required_module_that_does_not_import_stops_the_run(run, pytester):
+    result = run({"VFNET_REQUIRE": "vfnet_no_such_module"})
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*vfnet_no_such_module is required here (VFNET_REQUIRE=*"])
+
+
+def test_ci_true_without_detectron2_stops_the_run(run, pytester):
+    # A Detectron2 whose import fails, first on the path of a fresh interpreter.
+    pytester.path.joinpath("detectron2", "__init__.py").write_text(
+        "raise ImportError('undefined symbol: stand-in for a build against another torch')\n"
+    )
+    result = run({"CI": "true"}, subprocess=True)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*detectron2 is required here (CI=true)*undefined symbol*"])
