@@ -7,4 +7,5 @@ from .deform_conv import (
     DeformConv2d,
     deform_conv2d_by_gather,
     deform_conv2d_by_sampling,
+    finite_offsets,
 )

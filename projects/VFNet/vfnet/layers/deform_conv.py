@@ -14,6 +14,32 @@ from torchvision.ops import deform_conv2d
 DEFORM_CONV_IMPLS = ("auto", "detectron2", "torchvision", "gather", "sampling")
 
 
+# Where finite_offsets puts the points of non-finite offsets: above and left of any map of fewer
+# than 32000 rows and columns (every output location, kernel point and stride), a value that
+# float16 and bfloat16 hold exactly, and the same for all image sizes (an exported graph bakes it).
+OUTSIDE_OFFSET = -(2.0**15)
+
+
+def finite_offsets(offset: Tensor) -> Tensor:
+    """
+    The offsets with every kernel point whose (dy, dx) is not finite (NaN, inf) moved outside
+    the map: such a point reads zero, as any point outside the map does, in every kernel.
+    (torchvision's CPU kernel crashes the process on NaN offsets, and the gather and sampling
+    kernels would otherwise return NaN where torchvision returns 0 for infinite ones.)
+
+    Args:
+        offset: (N, 2 * k * k * G, Ho, Wo) offsets (dy, dx) of the k x k kernel points of G
+            offset groups at each output location.
+
+    Returns:
+        Offsets of the same shape and dtype; gradients flow to the finite ones.
+    """
+    n, _, h, w = offset.shape
+    points = offset.reshape(n, -1, 2, h, w)
+    finite = torch.isfinite(points).all(dim=2, keepdim=True)
+    return torch.where(finite, points, OUTSIDE_OFFSET).reshape(offset.shape)
+
+
 def deform_sampling_points(offset: Tensor, kernel_size: int, padding: int) -> Tuple[Tensor, Tensor]:
     """
     Where a deformable convolution (stride 1, dilation 1, one offset group) samples its input.
@@ -25,11 +51,14 @@ def deform_sampling_points(offset: Tensor, kernel_size: int, padding: int) -> Tu
 
     Returns:
         py, px: (N, k * k, H, W) row and column, in input pixels, of kernel point j of the
-            output location (y, x): (y + j // k - padding + dy, x + j % k - padding + dx).
+            output location (y, x): (y + j // k - padding + dy, x + j % k - padding + dx), in
+            float32 or wider.
     """
     n, _, h, w = offset.shape
     k = kernel_size
-    offset = offset.view(n, k * k, 2, h, w)
+    # In float32 (float64 for float64 offsets) whatever the offsets' dtype: bfloat16 holds the
+    # integers of a row or column index exactly only up to 256.
+    offset = offset.to(torch.promote_types(offset.dtype, torch.float32)).reshape(n, k * k, 2, h, w)
     kernel = torch.arange(k, dtype=offset.dtype, device=offset.device) - padding
     py = (
         torch.arange(h, dtype=offset.dtype, device=offset.device).view(1, 1, h, 1)
@@ -67,7 +96,7 @@ def bilinear_corners(py: Tensor, px: Tensor, height: int, width: int) -> Tuple[T
     inside = (ys >= 0) & (ys <= height - 1) & (xs >= 0) & (xs <= width - 1)
     weights = torch.where(step_y.bool(), ly, 1 - ly) * torch.where(step_x.bool(), lx, 1 - lx) * inside
     image = torch.arange(py.shape[0], device=py.device).view(-1, *([1] * py.dim())) * (height * width)
-    indices = image + (ys.clamp(0, height - 1) * width + xs.clamp(0, width - 1)).long()
+    indices = image + ys.clamp(0, height - 1).long() * width + xs.clamp(0, width - 1).long()
     return indices.reshape(-1, 4), weights.reshape(-1, 4)
 
 
@@ -96,7 +125,7 @@ def deform_conv2d_by_gather(
     n, c, h, w = x.shape
     out_channels, _, k, _ = weight.shape
     kk = k * k
-    py, px = deform_sampling_points(offset.to(x.dtype), k, padding)
+    py, px = deform_sampling_points(finite_offsets(offset), k, padding)
     # Rows ordered (image, y, x, kernel point): the points of a location are adjacent.
     indices, weights = bilinear_corners(py.permute(0, 2, 3, 1), px.permute(0, 2, 3, 1), h, w)
     if mask is not None:
@@ -143,13 +172,16 @@ def deform_conv2d_by_sampling(
     """
     n, c, h, w = x.shape
     out_channels, _, k, _ = weight.shape
-    py, px = deform_sampling_points(offset.to(x.dtype), k, padding)
-    # Pixel p sits at (2p + 1) / size - 1 in grid_sample's coordinates (align_corners=False).
+    py, px = deform_sampling_points(finite_offsets(offset), k, padding)
+    # Pixel p sits at (2p + 1) / size - 1 in grid_sample's coordinates (align_corners=False). The
+    # grid and the sampling stay in float32 (or wider): in bfloat16 a grid step of 2 / W rounds
+    # to a fraction of a pixel.
     grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], dim=-1)
     columns = F.grid_sample(
-        x, grid.view(n, k * k * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+        x.to(grid.dtype), grid.view(n, k * k * h, w, 2), mode="bilinear", padding_mode="zeros",
+        align_corners=False,
     )  # (N, C, k * k * H, W)
-    columns = columns.view(n, c, k * k, h * w)
+    columns = columns.to(x.dtype).view(n, c, k * k, h * w)
     if mask is not None:
         columns = columns * mask.view(n, 1, k * k, h * w).to(columns.dtype)
     out = torch.matmul(weight.reshape(out_channels, -1).to(columns.dtype), columns.view(n, -1, h * w))
@@ -206,8 +238,17 @@ class DeformConv2d(nn.Module):
             return deform_conv2d_by_gather(x, offset, self.weight, self.bias, self.padding, mask)
         if impl == "sampling":
             return deform_conv2d_by_sampling(x, offset, self.weight, self.bias, self.padding, mask)
+        # The same result for non-finite offsets as the gather and sampling kernels, which
+        # apply finite_offsets themselves.
+        offset = finite_offsets(offset)
         if impl == "torchvision":
-            return deform_conv2d(x, offset, self.weight, self.bias, padding=self.padding, mask=mask)
+            # One dtype for all inputs, float32 under autocast (sampling positions included).
+            dtype = torch.promote_types(x.dtype, self.weight.dtype)
+            mask = None if mask is None else mask.to(dtype)
+            return deform_conv2d(
+                x.to(dtype), offset.to(dtype), self.weight.to(dtype),
+                None if self.bias is None else self.bias.to(dtype), padding=self.padding, mask=mask,
+            )
         from detectron2.layers.deform_conv import deform_conv, modulated_deform_conv
 
         # Detectron2's kernel is not autocast-aware: run it in the weight's dtype.

@@ -176,7 +176,8 @@ class VFNetHead(nn.Module):
             boxes_init.append(box)
             offsets = None
             if self.use_star_dcn:
-                offsets = star_dcn_offsets(box, self.gradient_mul, self.strides[i]).to(reg_feat.dtype)
+                # float32 even under autocast: the kernels compute sampling positions from them.
+                offsets = star_dcn_offsets(box, self.gradient_mul, self.strides[i])
             if self.use_refine:
                 refine = self.reg_refine(self._star_conv(self.reg_refine_conv, reg_feat, offsets))
                 refine = refine * self.scales_refine[i]

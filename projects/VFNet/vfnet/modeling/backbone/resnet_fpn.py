@@ -2,6 +2,7 @@
 The backbone of VFNet: Detectron2's ResNet and FPN with P6/P7 from the P5 output, and the
 deformable convs of its DCN stages swapped for ones that also run (and train) on CPU.
 """
+import torch
 from torch import Tensor
 from torchvision.ops import deform_conv2d
 
@@ -9,6 +10,8 @@ from detectron2.layers import DeformConv, ModulatedDeformConv, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
+
+from ...layers.deform_conv import finite_offsets
 
 
 class _AnyDeviceDeformConv:
@@ -19,10 +22,17 @@ class _AnyDeviceDeformConv:
     """
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor = None) -> Tensor:
+        # A non-finite offset reads zero (vfnet.layers.finite_offsets), and never reaches the
+        # kernels: torchvision's CPU kernel crashes the process on NaN.
+        offset = finite_offsets(offset)
         if x.is_cuda:
             return super().forward(x, offset) if mask is None else super().forward(x, offset, mask)
+        # One dtype for all inputs (float32 under autocast: sampling positions included).
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)
         x = deform_conv2d(
-            x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+            x.to(dtype), offset.to(dtype), self.weight.to(dtype),
+            None if self.bias is None else self.bias.to(dtype), self.stride, self.padding,
+            self.dilation, None if mask is None else mask.to(dtype),
         )
         if self.norm is not None:
             x = self.norm(x)

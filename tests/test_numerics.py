@@ -1,0 +1,117 @@
+"""
+Numerics at the sizes users run: every deformable-conv kernel under CPU bf16 autocast at P3 of an
+800x1333 image, the head under autocast on 800x1333 features, and non-finite offsets and images,
+which read zero or give no detection and never crash a process (run in child processes).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.ops import deform_conv2d
+
+from vfnet.layers import DeformConv2d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "tests", "scripts")
+NEEDS_DETECTRON2 = "Detectron2 is not installed (see README: Install)"
+
+
+def has_detectron2():
+    try:
+        import detectron2  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def relative_error(ours, reference):
+    return float((ours.float() - reference).norm() / reference.norm())
+
+
+# --- bf16 autocast --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modulated", [False, True], ids=["DCN", "DCNv2"])
+@pytest.mark.parametrize("impl", ["gather", "sampling", "torchvision", "detectron2"])
+def test_every_kernel_under_bf16_autocast_at_p3_of_800x1333(impl, modulated):
+    # P3 of 800x1333: 100 x 167 locations, 256 channels. In bfloat16 the row index of a sampling
+    # point is exact only up to 256, and y * width + x up to 256 too: computed in bf16, the output
+    # was garbage from 25x38 on and the gather crashed at 50x76.
+    if impl == "detectron2":
+        if not has_detectron2():
+            pytest.skip(NEEDS_DETECTRON2)
+        if modulated:
+            pytest.skip("Detectron2's modulated deformable conv has no CPU kernel")
+    g = torch.Generator().manual_seed(0)
+    n, c, h, w = 1, 256, 100, 167
+    x = torch.randn(n, c, h, w, generator=g).bfloat16()
+    offset = torch.randn(n, 18, h, w, generator=g) * 4
+    mask = torch.rand(n, 9, h, w, generator=g) if modulated else None
+    layer = DeformConv2d(c, c, 3, padding=1, impl=impl)
+    expected = deform_conv2d(x.float(), offset, layer.weight.detach(), padding=1, mask=mask)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, offset, mask)
+    assert out.shape == expected.shape
+    assert relative_error(out, expected) < 1e-2  # bf16 rounding of the values: about 3e-3
+
+
+@pytest.mark.skipif(not has_detectron2(), reason=NEEDS_DETECTRON2)
+@pytest.mark.parametrize("dcn_on_last_conv", [False, True])
+def test_the_head_under_bf16_autocast_on_800x1333_features(dcn_on_last_conv):
+    from detectron2.modeling import build_model
+    from helpers import small_cfg
+
+    torch.manual_seed(0)
+    model = build_model(small_cfg("MODEL.VFNET.DCN_ON_LAST_CONV", str(dcn_on_last_conv))).eval()
+    image = torch.rand(3, 800, 1333, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.no_grad():
+        features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
+        features = [features[f].bfloat16() for f in model.head_in_features]
+        expected = model.head([f.float() for f in features])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.head(features)
+    for name, ours, reference in zip(("logits", "boxes_init", "boxes_refine"), out, expected):
+        for level, (a, b) in enumerate(zip(ours, reference)):
+            assert relative_error(a, b) < 1e-2, (name, level)  # measured: about 2e-3
+
+
+# --- non-finite values --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["gather", "sampling", "torchvision", "detectron2", "backbone"])
+def test_non_finite_offsets_read_zero_in_every_kernel_and_crash_nothing(kernel):
+    # torchvision's CPU kernel segfaults on NaN offsets (which Detectron2's DeformConv falls back
+    # to on CPU, and the DCN backbones run): the kernel runs in a child process.
+    if kernel in ("detectron2", "backbone") and not has_detectron2():
+        pytest.skip(NEEDS_DETECTRON2)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "nonfinite_offsets.py"), kernel],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in results] == ["nan", "+inf", "-inf", "1e30", "mixed"]
+    for r in results:
+        # Each kernel point with a non-finite offset reads zero: the same output as torchvision's
+        # with that point's modulation set to 0.
+        assert r["max_abs_diff"] < 1e-5, r
+        assert r["output_finite"] and r["grad_finite"] in (True, None), r
+
+
+@pytest.mark.skipif(not has_detectron2(), reason=NEEDS_DETECTRON2)
+def test_inference_on_non_finite_images_crashes_nothing_and_returns_only_valid_boxes():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "nonfinite_inference.py")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    results = {r["image"]: r for r in map(json.loads, proc.stdout.splitlines()) if r}
+    assert set(results) == {"nan", "+inf", "-inf", "nan patch", "finite"}
+    for name, r in results.items():
+        assert r["boxes_finite"] and r["scores_finite"] and r["boxes_nonempty"], (name, r)
+    # A wholly non-finite image has no finite score anywhere: no detection.
+    assert results["nan"]["detections"] == results["+inf"]["detections"] == 0
+    assert results["finite"]["detections"] > 0  # the random model detects at threshold 0
