@@ -115,3 +115,73 @@ def test_inference_on_non_finite_images_crashes_nothing_and_returns_only_valid_b
     # A wholly non-finite image has no finite score anywhere: no detection.
     assert results["nan"]["detections"] == results["+inf"]["detections"] == 0
     assert results["finite"]["detections"] > 0  # the random model detects at threshold 0
+
+
+# --- non-finite values in training ----------------------------------------------------------------
+
+
+def training_batch(nan_pixels=False, nan_box=False):
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(2)
+    batch = []
+    for i in range(2):
+        image = torch.rand(3, 64, 96, generator=g) * 255
+        boxes = torch.tensor([[8.0, 8, 60, 50], [30, 20, 90, 60]])
+        if i == 1 and nan_pixels:
+            image[:, 10:20, 30:40] = float("nan")
+        if i == 1 and nan_box:
+            boxes[1, 2] = float("nan")
+        instances = Instances((64, 96), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([0, 2]))
+        batch.append({"image": image, "instances": instances, "file_name": f"img{i}.png", "image_id": 10 + i})
+    return batch
+
+
+@pytest.mark.skipif(not has_detectron2(), reason=NEEDS_DETECTRON2)
+@pytest.mark.parametrize(
+    "case, where",
+    [
+        ("pixels", "The input of iteration 4: it first appears in the pixels of the input image "
+                   "(after normalisation) of image 1 of the batch."),
+        ("box", "The input of iteration 4: it first appears in a ground-truth box of image 1 of "
+                "the batch."),
+        ("features", "): it first appears in the backbone's feature p3, from finite inputs and "
+                     "weights of image 0 of the batch."),
+    ],
+)  # fmt: skip
+def test_a_non_finite_training_step_says_where_the_value_first_appeared(case, where):
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+    from helpers import small_cfg
+
+    torch.manual_seed(0)
+    model = build_model(small_cfg()).train()
+    batch = training_batch(nan_pixels=case == "pixels", nan_box=case == "box")
+    if case == "features":  # an FPN output conv overflows on finite inputs
+        with torch.no_grad():
+            model.backbone.fpn_output3.weight.mul_(1e38)
+    with EventStorage(4), pytest.raises(FloatingPointError) as info:
+        model(batch)
+    message = str(info.value)
+    assert where in message, message
+    image = 1 if case in ("pixels", "box") else 0
+    assert message.endswith(f"The image: 'img{image}.png' (image id {10 + image}).")
+
+
+@pytest.mark.skipif(not has_detectron2(), reason=NEEDS_DETECTRON2)
+def test_under_ddp_every_worker_stops_when_one_worker_meets_a_non_finite_value(tmp_path):
+    # Two gloo workers, a NaN image on worker 1 only: both raise (none waits forever in the
+    # gradient all-reduce), worker 1 naming the image.
+    proc = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "ddp_nonfinite.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    messages = {r: (tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
+    assert messages[0].startswith(
+        "The batch of worker(s) [1] became non-finite at iteration 0; this worker's is finite."
+    ), messages[0]
+    assert messages[1].startswith(
+        "The input of iteration 0: it first appears in the pixels of the input image"
+    ), messages[1]
+    assert messages[1].endswith("The image: 'img1.png' (image id 11).")

@@ -115,4 +115,7 @@ def test_a_non_finite_loss_stops_training_naming_the_loss_and_the_iteration():
         trainer.train(3, 6)
     message = str(info.value)
     assert message.startswith("Loss loss_cls became nan at iteration 3 (loss_bbox ")
-    assert "loss_cls nan). Training diverged (lower SOLVER.BASE_LR" in message
+    assert (
+        "loss_cls nan): it first appears in the parameter head.cls_score.bias (an earlier step "
+        "diverged). Training diverged (lower SOLVER.BASE_LR" in message
+    )

@@ -3,7 +3,7 @@ VarifocalNet (Zhang et al., "VarifocalNet: An IoU-aware Dense Object Detector", 
 Detectron2 dense detector.
 """
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from fvcore.nn import sigmoid_focal_loss_jit
@@ -40,18 +40,120 @@ def mean_over_workers(value: Tensor) -> float:
     return float(value)
 
 
-def check_losses_are_finite(losses: Dict[str, Tensor]) -> None:
-    """Raise a FloatingPointError that names the non-finite losses and the training iteration."""
-    values = {k: v.detach() for k, v in losses.items()}
-    if torch.isfinite(torch.stack(list(values.values()))).all():
+class NonFiniteLossError(FloatingPointError):
+    """
+    A training loss that is NaN or infinite. `image` is the index in the batch of the image where
+    the non-finite value first appears, when it is one image's (None otherwise).
+    """
+
+    def __init__(self, message: str, image: Optional[int] = None):
+        super().__init__(message)
+        self.image = image
+
+
+def non_finite_workers(values: List[Tensor]) -> List[int]:
+    """
+    The ranks of the workers whose `values` are not all finite (one all-reduce under DDP). A
+    tensor's sum is non-finite when one of its elements is (or the sum overflows: not for
+    images and boxes); it takes one pass, without the boolean tensor of `isfinite`.
+    """
+    finite = all(bool(torch.isfinite(v.detach().sum())) for v in values)
+    world_size = comm.get_world_size()
+    if world_size == 1:
+        return [] if finite else [0]
+    flags = torch.zeros(world_size, dtype=torch.float64)
+    flags[comm.get_rank()] = 0.0 if finite else 1.0
+    dist.all_reduce(flags)
+    return flags.nonzero().flatten().tolist()
+
+
+def first_non_finite(
+    model: Optional[nn.Module],
+    images: ImageList,
+    features: List[Tensor],
+    predictions: List[List[Tensor]],
+    gt_instances: List[Instances],
+    feature_names: List[str],
+) -> Tuple[str, Optional[int]]:
+    """
+    Where a non-finite value first appears in a training step, in the order of the computation:
+    the input images, their boxes, the model's parameters, the features, the head's outputs.
+
+    Returns:
+        (a description, the index of the image in the batch or None).
+    """
+    for i, (size, inst) in enumerate(zip(images.image_sizes, gt_instances)):
+        if not torch.isfinite(images.tensor[i, :, : size[0], : size[1]]).all():
+            return "the pixels of the input image (after normalisation)", i
+        if not torch.isfinite(inst.gt_boxes.tensor).all():
+            return "a ground-truth box", i
+    for name, param in model.named_parameters() if model is not None else ():
+        if not torch.isfinite(param).all():
+            return f"the parameter {name} (an earlier step diverged)", None
+    for level, feature in zip(feature_names, features):
+        for i in range(len(feature)):
+            if not torch.isfinite(feature[i]).all():
+                return f"the backbone's feature {level}, from finite inputs and weights", i
+    for kind, per_level in zip(("logits", "boxes_init", "boxes_refine"), predictions):
+        for level, x in zip(feature_names, per_level):
+            for i in range(len(x)):
+                if not torch.isfinite(x[i]).all():
+                    return f"the head's {kind} at {level}, from finite features", i
+    return "the losses, from finite inputs, features and predictions (an overflow)", None
+
+
+def check_inputs_are_finite(images: ImageList, gt_instances: List[Instances]) -> None:
+    """
+    Raise a :class:`NonFiniteLossError` on every worker when the images or ground-truth boxes of
+    any worker are not finite, before they reach the sample assignment and the losses.
+    """
+    bad_workers = non_finite_workers([images.tensor] + [x.gt_boxes.tensor for x in gt_instances])
+    if bad_workers:
+        where, image = first_non_finite(None, images, [], [], gt_instances, [])
+        what = f"The input of iteration {get_event_storage().iter}"
+        _raise_non_finite(bad_workers, what, where, image)
+
+
+def check_losses_are_finite(losses: Dict[str, Tensor], locate) -> None:
+    """
+    Raise a :class:`NonFiniteLossError` on every worker when the losses of any worker are not
+    finite: it names the losses, the iteration and, on the worker whose batch it is, where the
+    value first appeared (`locate()` -> (description, image index)).
+    """
+    bad_workers = non_finite_workers(list(losses.values()))
+    if not bad_workers:
         return
-    bad = [k for k, v in values.items() if not torch.isfinite(v)]
+    values = {k: v.detach() for k, v in losses.items()}
+    bad = [k for k, v in values.items() if not torch.isfinite(v)] or list(values)
     listing = ", ".join(f"{k} {float(v):.4g}" for k, v in values.items())
-    raise FloatingPointError(
+    what = (
         f"Loss {' and '.join(bad)} became {float(values[bad[0]])} at iteration "
-        f"{get_event_storage().iter} ({listing}). Training diverged (lower SOLVER.BASE_LR, "
-        "lengthen SOLVER.WARMUP_ITERS, or set SOLVER.CLIP_GRADIENTS.ENABLED True), or a batch "
-        "holds a non-finite input; --resume continues from the last checkpoint."
+        f"{get_event_storage().iter} ({listing})"
+    )
+    where, image = locate() if comm.get_rank() in bad_workers else (None, None)
+    _raise_non_finite(bad_workers, what, where, image)
+
+
+def _raise_non_finite(
+    bad_workers: List[int], what: str, where: Optional[str], image: Optional[int]
+) -> None:
+    """The NonFiniteLossError of this worker: where the value appeared, or which worker had it."""
+    iteration = get_event_storage().iter
+    advice = (
+        "Training diverged (lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS, or set "
+        "SOLVER.CLIP_GRADIENTS.ENABLED True), or a batch holds a non-finite input; --resume "
+        "continues from the last checkpoint."
+    )
+    if comm.get_rank() not in bad_workers:
+        raise NonFiniteLossError(
+            f"The batch of worker(s) {bad_workers} became non-finite at iteration {iteration}; "
+            f"this worker's is finite. {advice}"
+        )
+    raise NonFiniteLossError(
+        f"{what}: it first appears in {where}"
+        + ("" if image is None else f" of image {image} of the batch")
+        + f". {advice}",
+        image,
     )
 
 
@@ -169,15 +271,35 @@ class VFNet(DenseDetector):
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
 
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """Detectron2's DenseDetector.forward; a non-finite loss names the image at fault."""
+        try:
+            return super().forward(batched_inputs)
+        except NonFiniteLossError as e:
+            if e.image is None:
+                raise
+            record = batched_inputs[e.image]
+            raise NonFiniteLossError(
+                f"{e} The image: '{record.get('file_name', '(no file name)')}' (image id "
+                f"{record.get('image_id')}).",
+                e.image,
+            ) from None
+
     def forward_training(self, images, features, predictions, gt_instances):
         logits, boxes_init, boxes_refine = predictions
         logits, boxes_init, boxes_refine = self._transpose_dense_predictions(
             [logits, boxes_init, boxes_refine], [self.num_classes, 4, 4]
         )
+        check_inputs_are_finite(images, gt_instances)
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         losses = self.losses(anchors, logits, boxes_init, boxes_refine, gt_labels, gt_boxes)
-        check_losses_are_finite(losses)
+        check_losses_are_finite(
+            losses,
+            lambda: first_non_finite(
+                self, images, features, predictions, gt_instances, self.head_in_features
+            ),
+        )
         return losses
 
     @torch.no_grad()
@@ -233,7 +355,10 @@ class VFNet(DenseDetector):
 
         def box_loss(distances: List[Tensor], weight: float):
             pred_boxes = distances_to_boxes(points, cat(distances, dim=1)[pos_mask])
-            loss_sum, ious = iou_weighted_giou_loss(pred_boxes, target_boxes)
+            if torch.isfinite(pred_boxes).all():
+                loss_sum, ious = iou_weighted_giou_loss(pred_boxes, target_boxes)
+            else:  # fvcore's giou_loss asserts on them; check_losses_are_finite reports it
+                loss_sum, ious = pred_boxes.sum(), torch.zeros_like(pred_boxes[:, 0])
             return weight * loss_sum / max(mean_over_workers(ious.sum()), 1.0), ious
 
         losses = {}
