@@ -29,10 +29,10 @@ import torch
 import tqdm
 
 from detectron2.config import get_cfg
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 import vfnet
+from vfnet.data.mapper import read_image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import VisualizationDemo  # noqa: E402
@@ -51,6 +51,10 @@ def setup_cfg(args):
     # Detections under the threshold are dropped by the model, before NMS (as Detectron2's demo
     # does with RetinaNet's SCORE_THRESH_TEST).
     cfg.MODEL.VFNET.TEST_SCORE_THRESH = args.confidence_threshold
+    # The flags for damaged image files set their config keys (a config may set them too).
+    d = cfg.DATASETS
+    d.LOAD_TRUNCATED_IMAGES = d.LOAD_TRUNCATED_IMAGES or args.load_truncated_images
+    d.DROP_UNREADABLE_IMAGES = d.DROP_UNREADABLE_IMAGES or args.drop_unreadable_images
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -90,6 +94,19 @@ def get_parser():
         metavar="NAME=JSON:IMAGE_DIR",
         help="register a COCO-format dataset under NAME (repeatable); set DATASETS.TEST to it "
         "(--opts DATASETS.TEST \"('NAME',)\") for its class names",
+    )
+    parser.add_argument(
+        "--load-truncated-images",
+        action="store_true",
+        help="load truncated image files (of --dataset and --input) as far as their data goes, "
+        "as OpenCV does, with a warning per file (sets DATASETS.LOAD_TRUNCATED_IMAGES True)",
+    )
+    parser.add_argument(
+        "--drop-unreadable-images",
+        action="store_true",
+        help="leave the images of the --dataset datasets whose files are missing or cannot be "
+        "read out of them, with a warning that names them (sets "
+        "DATASETS.DROP_UNREADABLE_IMAGES True)",
     )
     parser.add_argument(
         "--opts",
@@ -157,11 +174,11 @@ def video_codec() -> Tuple[str, str]:
     return "mp4v", ".mp4"
 
 
-def run_on_images(demo, paths: List[str], output=None) -> List[str]:
+def run_on_images(demo, paths: List[str], output=None, load_truncated=False) -> List[str]:
     written = []
     for path in tqdm.tqdm(paths, desc="images", unit="image"):
         # PIL, as the evaluation reads images.
-        img = read_image(path, format="BGR")
+        img = read_image(path, format="BGR", load_truncated=load_truncated)
         start = time.time()
         predictions, visualized = demo.run_on_image(img)
         logger.info(
@@ -243,9 +260,13 @@ def main(argv=None) -> List[str]:
     sources = [bool(args.input), args.webcam, bool(args.video_input)]
     if sum(sources) != 1:
         raise SystemExit("Give exactly one of --input, --video-input, --webcam.")
-    for spec in args.dataset:
-        vfnet.register_coco_dataset(spec)
     cfg = setup_cfg(args)
+    for spec in args.dataset:
+        vfnet.register_coco_dataset(
+            spec,
+            load_truncated_images=cfg.DATASETS.LOAD_TRUNCATED_IMAGES,
+            drop_unreadable_images=cfg.DATASETS.DROP_UNREADABLE_IMAGES,
+        )
     demo = VisualizationDemo(cfg)
     classes = demo.metadata.get("thing_classes")
     if classes is not None and len(classes) != cfg.MODEL.VFNET.NUM_CLASSES:
@@ -261,7 +282,7 @@ def main(argv=None) -> List[str]:
         paths = expand_inputs(args.input)
         if not paths:
             raise SystemExit(f"No image found in --input {args.input}.")
-        return run_on_images(demo, paths, args.output)
+        return run_on_images(demo, paths, args.output, cfg.DATASETS.LOAD_TRUNCATED_IMAGES)
     if args.webcam:
         if args.output:
             raise SystemExit("--output is not supported with --webcam.")

@@ -18,6 +18,20 @@ SMALL = [
     "MODEL.WEIGHTS", "",
 ]  # fmt: skip
 
+# Overrides of configs/VFNet_Shapes_Demo.yaml for tools/train_net.py runs of a few seconds.
+TINY = [
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.STEPS", "(4,)",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96",
+    "SEED", "7",
+]  # fmt: skip
+
 
 def small_cfg(*opts):
     """Base-VFNet.yaml with the SMALL overrides, then `opts` (needs Detectron2)."""

@@ -35,19 +35,7 @@ from vfnet.evaluation import VFNetCOCOEvaluator  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import RACCOON_IMAGES  # noqa: E402
-TINY = [
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.FPN.OUT_CHANNELS", "64",
-    "DATALOADER.NUM_WORKERS", "0",
-    "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.STEPS", "(4,)",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)",
-    "INPUT.MAX_SIZE_TRAIN", "96",
-    "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "96",
-    "SEED", "7",
-]  # fmt: skip
+from helpers import RACCOON_IMAGES, TINY  # noqa: E402
 
 
 def train_net_cmd(output_dir, *args):

@@ -1,4 +1,7 @@
-"""The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`) and their defaults."""
+"""
+The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
+`DATASETS.DROP_UNREADABLE_IMAGES`) and their defaults.
+"""
 from detectron2.config import CfgNode as CN
 
 
@@ -9,6 +12,21 @@ def add_vfnet_config(cfg):
     """
     # How images are resized: "PIL" (Detectron2's) or "cv2" (MMDetection's, for its weights).
     cfg.INPUT.RESIZE_BACKEND = "PIL"
+
+    # Damaged image files of the datasets registered with --dataset (see vfnet/data/validation.py).
+    # Images whose file is truncated but decodes as far as its data goes (PIL's
+    # ImageFile.LOAD_TRUNCATED_IMAGES, which OpenCV also does; set only while such a file is
+    # decoded) are loaded, with a warning per file, at registration and in the data loaders;
+    # False: such a file stops the run at registration. The flag --load-truncated-images sets it.
+    cfg.DATASETS.LOAD_TRUNCATED_IMAGES = False
+    # Images whose file is missing or cannot be read are left out of the dataset at registration,
+    # with their annotations (a warning lists them; the evaluation says how many images it
+    # covers); False: they stop the run at registration. The flag --drop-unreadable-images sets it.
+    cfg.DATASETS.DROP_UNREADABLE_IMAGES = False
+
+    # Inference under autocast (the backbone and the head; post-processing in float32):
+    # bfloat16 on CPU (AMX/AVX-512 bf16 CPUs run it faster), float16 or bfloat16 on CUDA.
+    cfg.TEST.AMP = CN({"ENABLED": False, "DTYPE": "bfloat16"})
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET

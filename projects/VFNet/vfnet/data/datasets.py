@@ -7,13 +7,22 @@ import json
 import logging
 import os
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 
 from .shapes import SHAPE_CLASSES, ensure_shapes_dataset
-from .validation import check_image_files, clean_coco_dict, load_coco_dict
+from .validation import (
+    DROP_UNREADABLE_KEY,
+    LOAD_TRUNCATED_FLAG,
+    LOAD_TRUNCATED_KEY,
+    DatasetError,
+    MAX_LISTED,
+    check_image_files,
+    clean_coco_dict,
+    load_coco_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +77,47 @@ def _write_temporary_json(coco: dict, name: str) -> str:
     return path
 
 
-def register_coco_dataset(spec: str, check_files: bool = True) -> str:
+def _drop_images(coco: dict, image_ids: Iterable) -> dict:
+    """The dataset without the images of `image_ids` and their annotations."""
+    image_ids = set(image_ids)
+    return {
+        **coco,
+        "images": [img for img in coco["images"] if img["id"] not in image_ids],
+        "annotations": [a for a in coco.get("annotations", []) if a["image_id"] not in image_ids],
+    }
+
+
+def _report_dropped_images(
+    name: str, json_file: str, coco: dict, dropped: List[dict], num_truncated: int = 0
+) -> None:
+    """Warn of the images left out of dataset `name` (`coco`, before they are)."""
+    ids = {img["id"] for img in dropped}
+    num_annotations = sum(a["image_id"] in ids for a in coco.get("annotations", []))
+    total = len(coco["images"])
+    listed = [f"'{img['file_name']}' (image id {img['id']})" for img in dropped[:MAX_LISTED]]
+    if len(dropped) > MAX_LISTED:
+        listed.append(f"... ({len(dropped) - MAX_LISTED} more)")
+    logger.warning(
+        f"Dataset '{name}' ('{json_file}'): dropped {len(dropped)} of {total} images, whose files "
+        f"are missing or cannot be read ({DROP_UNREADABLE_KEY}), with their {num_annotations} "
+        f"annotations: {', '.join(listed)}. Training and evaluation use the other "
+        f"{total - len(dropped)} images."
+        + (
+            f" {num_truncated} of them are truncated, and decode as far as their data goes with "
+            f"{LOAD_TRUNCATED_FLAG} ({LOAD_TRUNCATED_KEY} True)."
+            if num_truncated
+            else ""
+        )
+    )
+
+
+def register_coco_dataset(
+    spec: str,
+    check_files: bool = True,
+    load_truncated_images: bool = False,
+    drop_unreadable_images: bool = False,
+    drop_image_ids: Optional[Iterable] = None,
+) -> str:
     """
     Register a COCO-format dataset from a "NAME=JSON:IMAGE_DIR" string (the `--dataset` option
     of the project's tools). Class names come from the JSON's categories.
@@ -82,6 +131,17 @@ def register_coco_dataset(spec: str, check_files: bool = True) -> str:
     Args:
         check_files: also check that every image file exists, is a complete image and has the
             size of the JSON (see :func:`check_image_files`).
+        load_truncated_images: a truncated image file that decodes as far as its data goes
+            passes the check, with a warning (DATASETS.LOAD_TRUNCATED_IMAGES; the data loaders
+            read it so with that key).
+        drop_unreadable_images: the images whose files are missing or cannot be read are left
+            out of the dataset, with their annotations, with a warning that counts and names them
+            (DATASETS.DROP_UNREADABLE_IMAGES); the files are then checked even if not
+            `check_files`. The metadata's "dropped_images" lists their file names and
+            "num_source_images" counts the JSON's images; the evaluation says how many it covers.
+        drop_image_ids: leave out these image ids instead, without checking the files: what
+            the check of another process dropped (the DDP workers of tools/train_net.py take the
+            main process's).
 
     Returns:
         the dataset name.
@@ -111,12 +171,35 @@ def register_coco_dataset(spec: str, check_files: bool = True) -> str:
             f"Dataset '{name}' ('{json_file}') has no annotations: it cannot be trained on, "
             "and its AP is undefined (NaN); the model's predictions on it are still written."
         )
-    if check_files:
-        check_image_files(coco["images"], image_root, name)
+    num_source_images = len(coco["images"])
+    dropped, num_truncated = [], 0
+    if drop_image_ids is not None:
+        drop_image_ids = set(drop_image_ids)
+        dropped = [img for img in coco["images"] if img["id"] in drop_image_ids]
+    elif check_files or drop_unreadable_images:
+        found = check_image_files(
+            coco["images"],
+            image_root,
+            name,
+            load_truncated=load_truncated_images,
+            drop_unreadable=drop_unreadable_images,
+        )
+        dropped = [img for img, _ in found]
+        num_truncated = sum(check.truncated is not None for _, check in found)
+    if dropped:
+        _report_dropped_images(name, json_file, coco, dropped, num_truncated)
+        coco = _drop_images(coco, [img["id"] for img in dropped])
+        if not coco["images"]:
+            raise DatasetError(
+                f"Dataset '{name}' ('{json_file}'): none of its {num_source_images} image files "
+                "can be read: there is no image left."
+            )
 
     categories = sorted(coco["categories"], key=lambda c: c["id"])
+    # The evaluator reads the ground truth from the metadata's json_file: the cleaned copy, without
+    # the dropped images, whose boxes would otherwise count as missed.
     register_coco_instances(
-        name, {}, _write_temporary_json(coco, name) if actions else json_file, image_root
+        name, {}, _write_temporary_json(coco, name) if actions or dropped else json_file, image_root
     )
     # What `load_coco_json` sets when it loads the dataset, known now for the checks of the
     # number of classes.
@@ -124,5 +207,8 @@ def register_coco_dataset(spec: str, check_files: bool = True) -> str:
         source_json_file=json_file,
         thing_classes=[c["name"] for c in categories],
         thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
+        num_source_images=num_source_images,
+        dropped_images=[img["file_name"] for img in dropped],
+        dropped_image_ids=[img["id"] for img in dropped],
     )
     return name

@@ -8,7 +8,13 @@ Outcomes, per problem:
   is not JSON or not COCO, an entry without a key Detectron2 reads, a bbox that is not 4
   numbers, an image size that is not positive, duplicate image / annotation / category ids, a
   category id that is not in "categories", an image file that is missing, unreadable, truncated
-  or whose size is not the one in the JSON;
+  or whose size is not the one in the JSON; unless, for the image files, one asks
+  (``--load-truncated-images``, ``--drop-unreadable-images``) for:
+* loaded, with a warning per file: a truncated image file that decodes as far as its data goes
+  (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES``, set only while such a file is decoded: see
+  :func:`truncated_images_loaded`; OpenCV decodes such a JPEG the same, with a warning);
+* dropped, with a warning that counts and names them: image files that are missing or cannot be
+  read (with their annotations, by the caller);
 * dropped, with a warning that counts them: annotations of an image id not in "images", boxes
   with NaN / inf / null coordinates, with zero or negative width or height, or wholly outside
   their image;
@@ -19,23 +25,42 @@ Outcomes, per problem:
 Pure Python + Pillow: no Detectron2.
 """
 
+import contextlib
 import json
+import logging
 import math
 import os
+import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
-from PIL import Image
+from PIL import Image, ImageFile
 from tqdm import tqdm
 
 __all__ = [
     "DatasetError",
+    "ImageCheck",
+    "LOAD_TRUNCATED_FLAG",
+    "LOAD_TRUNCATED_KEY",
+    "DROP_UNREADABLE_FLAG",
+    "DROP_UNREADABLE_KEY",
     "load_coco_dict",
     "clean_coco_dict",
+    "truncated_images_loaded",
+    "inspect_image_file",
     "check_image_file",
     "check_image_files",
 ]
+
+logger = logging.getLogger(__name__)
+
+# How the options for damaged image files are named in messages: the flag of the tools that
+# register datasets (tools/train_net.py, demo/demo.py) and the config key it sets.
+LOAD_TRUNCATED_FLAG = "--load-truncated-images"
+LOAD_TRUNCATED_KEY = "DATASETS.LOAD_TRUNCATED_IMAGES"
+DROP_UNREADABLE_FLAG = "--drop-unreadable-images"
+DROP_UNREADABLE_KEY = "DATASETS.DROP_UNREADABLE_IMAGES"
 
 REQUIRED_KEYS = {
     "images": ("id", "file_name", "height", "width"),
@@ -200,64 +225,209 @@ def _jpeg_is_complete(path: str) -> bool:
         return f.read().rstrip(b"\0").endswith(b"\xff\xd9")
 
 
-def check_image_file(path: str, width: int, height: int) -> Optional[str]:
+# PIL's ImageFile.LOAD_TRUNCATED_IMAGES is a module global: it is set only under this lock, which
+# every decode of this project that sets it holds.
+_LOAD_TRUNCATED_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def truncated_images_loaded() -> Iterator[None]:
+    """
+    Within: PIL decodes a truncated image file as far as its data goes (a JPEG as if it ended
+    there, which is what OpenCV does) instead of raising ``OSError: image file is truncated``.
+    PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set on entry, under a lock, and restored on exit;
+    the project sets it only to decode again a file that failed, in one thread at a time (the
+    checks of :func:`check_image_files` do so after their threads are done).
+    """
+    with _LOAD_TRUNCATED_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+class ImageCheck(NamedTuple):
+    """What :func:`inspect_image_file` found."""
+
+    # None if the file can be used, else what is wrong with it.
+    problem: Optional[str] = None
+    # Whether the problem is that the file is missing or cannot be read (not its size).
+    unreadable: bool = False
+    # The error PIL raises on the file when it is truncated but decodes as far as its data goes
+    # (with truncated_images_loaded); None for a complete file.
+    truncated: Optional[str] = None
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _read_size(path: str, truncated: bool = False) -> Tuple[Tuple[int, int], int]:
+    """
+    The (width, height) and EXIF orientation of an image file, after the header, PIL's `verify`
+    (the chunk checksums of a PNG), and the decode of a JPEG without end marker; or, if
+    `truncated`, after decoding it with :func:`truncated_images_loaded`. Raises if it fails.
+    """
+    if truncated:
+        with truncated_images_loaded(), Image.open(path) as im:
+            im.load()
+            return im.size, im.getexif().get(0x0112, 1)
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:  # verify() leaves the image unusable
+        if im.format == "JPEG" and not _jpeg_is_complete(path):
+            im.load()
+        return im.size, im.getexif().get(0x0112, 1)
+
+
+def _size_problem(
+    size: Tuple[int, int], orientation: int, width: int, height: int
+) -> Optional[str]:
+    if orientation in TRANSPOSING_ORIENTATIONS:
+        size = size[::-1]
+    if tuple(size) == (width, height):
+        return None
+    rotated = f" after its EXIF orientation {orientation}" if orientation != 1 else ""
+    return f"is {size[0]}x{size[1]} (width x height){rotated}, but the JSON says {width}x{height}"
+
+
+def _first_check(path: str, width: int, height: int) -> Tuple[ImageCheck, Optional[Exception]]:
+    """The check of a file without truncated_images_loaded, and the error PIL raised on it."""
+    if not os.path.isfile(path):
+        return ImageCheck("does not exist", unreadable=True), None
+    try:
+        size, orientation = _read_size(path)
+    except Exception as e:  # PIL raises many types for a broken file
+        return ImageCheck(f"is not a readable image ({_error(e)})", unreadable=True), e
+    return ImageCheck(_size_problem(size, orientation, width, height)), None
+
+
+def _check_truncated(
+    path: str, width: int, height: int, error: Exception, load_truncated: bool
+) -> ImageCheck:
+    """The check of a file that PIL failed to read with `error`: is it truncated (it decodes
+    with truncated_images_loaded), and if so, can it be used?"""
+    problem = f"is not a readable image ({_error(error)})"
+    try:
+        size, orientation = _read_size(path, truncated=True)
+    except Exception:
+        return ImageCheck(problem, unreadable=True)
+    if not load_truncated:
+        return ImageCheck(
+            f"{problem}; it is truncated, and decodes as far as its data goes with "
+            f"{LOAD_TRUNCATED_FLAG}",
+            unreadable=True,
+            truncated=_error(error),
+        )
+    return ImageCheck(_size_problem(size, orientation, width, height), truncated=_error(error))
+
+
+def inspect_image_file(
+    path: str, width: int, height: int, load_truncated: bool = False
+) -> ImageCheck:
     """
     A fast check that an image file can be read and has the size the JSON gives it (after its
     EXIF orientation, as Detectron2's `read_image` applies it): the header, PIL's `verify` (the
     chunk checksums of a PNG), and the end marker of a JPEG (a JPEG without one is decoded).
-
-    Returns:
-        None if the file is fine, else what is wrong with it.
+    A file that fails is decoded again with :func:`truncated_images_loaded`: if it decodes, it is
+    truncated (``truncated`` says how), and can be used if `load_truncated`.
     """
-    if not os.path.isfile(path):
-        return "does not exist"
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:  # verify() leaves the image unusable
-            size, orientation = im.size, im.getexif().get(0x0112, 1)
-            if im.format == "JPEG" and not _jpeg_is_complete(path):
-                im.load()
-    except Exception as e:  # PIL raises many types for a broken file
-        return f"is not a readable image ({type(e).__name__}: {e})"
-    if orientation in TRANSPOSING_ORIENTATIONS:
-        size = size[::-1]
-    if tuple(size) != (width, height):
-        rotated = f" after its EXIF orientation {orientation}" if orientation != 1 else ""
-        return (
-            f"is {size[0]}x{size[1]} (width x height){rotated}, but the JSON says "
-            f"{width}x{height}"
-        )
-    return None
+    check, error = _first_check(path, width, height)
+    return check if error is None else _check_truncated(path, width, height, error, load_truncated)
 
 
-def check_image_files(images: List[dict], image_root: str, name: str) -> None:
+def check_image_file(
+    path: str, width: int, height: int, load_truncated: bool = False
+) -> Optional[str]:
+    """
+    :func:`inspect_image_file`'s problem: None if the file is fine (with `load_truncated`, also
+    if it is truncated but decodes), else what is wrong with it.
+    """
+    return inspect_image_file(path, width, height, load_truncated).problem
+
+
+def check_image_files(
+    images: List[dict],
+    image_root: str,
+    name: str,
+    load_truncated: bool = False,
+    drop_unreadable: bool = False,
+) -> List[Tuple[dict, ImageCheck]]:
     """
     Check the files of the COCO "images" entries of dataset `name` with
-    :func:`check_image_file`, in threads, with a progress bar for large datasets.
+    :func:`inspect_image_file`, in threads, with a progress bar for large datasets.
+
+    Args:
+        load_truncated: a truncated file that decodes as far as its data goes can be used; a
+            warning names each.
+        drop_unreadable: a file that is missing or cannot be read is no error: it is returned,
+            for the caller to leave its image out of the dataset.
+
+    Returns:
+        the images entries whose files are missing or unreadable, with what was found of each
+        (empty unless `drop_unreadable`).
 
     Raises:
-        DatasetError: listing the files at fault, with their image ids.
+        DatasetError: listing the files at fault, with their image ids, and the options that let
+            the run go on.
     """
     paths = [os.path.join(image_root, img["file_name"]) for img in images]
     widths, heights = [img["width"] for img in images], [img["height"] for img in images]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(
+        first = list(
             tqdm(
-                pool.map(check_image_file, paths, widths, heights),
+                pool.map(_first_check, paths, widths, heights),
                 total=len(images),
                 desc=f"Checking the images of '{name}'",
                 disable=len(images) < 1000,
             )
         )
-    problems = [
-        f"'{path}' (image id {img['id']}) {problem}"
-        for path, img, problem in zip(paths, images, results)
-        if problem
+    # The files PIL failed to read are decoded again with truncated_images_loaded, once the
+    # threads are done: no other check then runs with PIL's global flag set.
+    results = [
+        check if error is None else _check_truncated(path, w, h, error, load_truncated)
+        for (check, error), path, w, h in zip(first, paths, widths, heights)
     ]
-    if problems:
+    for path, img, result in zip(paths, images, results):
+        if load_truncated and result.truncated and not result.problem:
+            logger.warning(
+                f"Dataset '{name}': '{path}' (image id {img['id']}) is truncated "
+                f"({result.truncated}); it is loaded as far as its data goes "
+                f"({LOAD_TRUNCATED_KEY})."
+            )
+    dropped = [
+        (img, result)
+        for img, result in zip(images, results)
+        if drop_unreadable and result.unreadable
+    ]
+    refused = [
+        (path, img, result)
+        for path, img, result in zip(paths, images, results)
+        if result.problem and not (drop_unreadable and result.unreadable)
+    ]
+    if refused:
+        problems = [f"'{path}' (image id {img['id']}) {r.problem}" for path, img, r in refused]
+        options = []
+        if not load_truncated and any(r.truncated for _, _, r in refused):
+            options.append(
+                f"{LOAD_TRUNCATED_FLAG} (config {LOAD_TRUNCATED_KEY} True) loads the truncated "
+                "files as far as their data goes"
+            )
+        if not drop_unreadable and any(r.unreadable for _, _, r in refused):
+            options.append(
+                f"{DROP_UNREADABLE_FLAG} (config {DROP_UNREADABLE_KEY} True) leaves the images "
+                "whose files are missing or cannot be read out of the dataset, with their "
+                "annotations"
+            )
+        hint = (
+            "\nTo go on without fixing the files: " + "; ".join(options) + "." if options else ""
+        )
         raise DatasetError(
             f"Dataset '{name}': {len(problems)} of {len(images)} image files cannot be used:\n  "
             + "\n  ".join(problems[:MAX_LISTED])
             + (f"\n  ... ({len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else "")
+            + hint
         )
+    return dropped

@@ -2,6 +2,7 @@
 The training loop of the project's tools: Detectron2's DefaultTrainer with this project's
 checkpointer, resumable data loader, mapper and evaluator, and what tools/train_net.py runs.
 """
+import copy
 import difflib
 import os
 import re
@@ -125,7 +126,11 @@ class Trainer(DefaultTrainer):
 
 
 def default_argument_parser(epilog=None):
-    """Detectron2's `default_argument_parser`, with `--dataset NAME=JSON:IMAGE_DIR`."""
+    """
+    Detectron2's `default_argument_parser`, with `--dataset NAME=JSON:IMAGE_DIR` and the options
+    for its damaged image files, `--load-truncated-images` and `--drop-unreadable-images` (which
+    set DATASETS.LOAD_TRUNCATED_IMAGES and DATASETS.DROP_UNREADABLE_IMAGES).
+    """
     parser = d2_defaults.default_argument_parser(epilog)
     parser.add_argument(
         "--dataset",
@@ -133,6 +138,21 @@ def default_argument_parser(epilog=None):
         default=[],
         metavar="NAME=JSON:IMAGE_DIR",
         help="register a COCO-format dataset under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--load-truncated-images",
+        action="store_true",
+        help="load truncated image files of the --dataset datasets as far as their data goes "
+        "(as OpenCV does), with a warning per file, instead of stopping at registration "
+        "(sets DATASETS.LOAD_TRUNCATED_IMAGES True)",
+    )
+    parser.add_argument(
+        "--drop-unreadable-images",
+        action="store_true",
+        help="leave the images of the --dataset datasets whose files are missing or cannot be "
+        "read out of them, with their annotations (a warning names them; the evaluation covers "
+        "the other images), instead of stopping at registration "
+        "(sets DATASETS.DROP_UNREADABLE_IMAGES True)",
     )
     return parser
 
@@ -182,11 +202,34 @@ def main(args):
     What tools/train_net.py runs in each worker: register the `--dataset`s, then train (resuming
     with `--resume`), or with `--eval-only` evaluate the weights.
     """
+    # The flags for damaged image files set their config keys (saved in OUTPUT_DIR/config.yaml).
+    flags = (
+        ("load_truncated_images", "DATASETS.LOAD_TRUNCATED_IMAGES"),
+        ("drop_unreadable_images", "DATASETS.DROP_UNREADABLE_IMAGES"),
+    )
+    extra_opts = [x for flag, key in flags if getattr(args, flag, False) for x in (key, "True")]
+    if extra_opts:
+        args = copy.copy(args)
+        args.opts = list(args.opts) + extra_opts
     cfg = setup(args)
     # Registered in every worker process (launch() starts them fresh); the image files are
     # checked once.
+    main_process, drop = comm.is_main_process(), cfg.DATASETS.DROP_UNREADABLE_IMAGES
     for spec in args.dataset:
-        register_coco_dataset(spec, check_files=comm.is_main_process())
+        options = dict(
+            load_truncated_images=cfg.DATASETS.LOAD_TRUNCATED_IMAGES, drop_unreadable_images=drop
+        )
+        if not (drop and comm.get_world_size() > 1):
+            register_coco_dataset(spec, check_files=main_process, **options)
+            continue
+        # The main process checks the files; the other workers drop the images it dropped.
+        dropped = None
+        if main_process:
+            name = register_coco_dataset(spec, check_files=True, **options)
+            dropped = MetadataCatalog.get(name).dropped_image_ids
+        dropped = comm.all_gather(dropped)[0]
+        if not main_process:
+            register_coco_dataset(spec, check_files=False, drop_image_ids=dropped, **options)
 
     if args.eval_only:
         model = Trainer.build_model(cfg)

@@ -157,6 +157,20 @@ def _raise_non_finite(
     )
 
 
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+
+
+def test_autocast_dtype(cfg) -> Optional[torch.dtype]:
+    """The dtype of TEST.AMP (inference under autocast), or None when it is off."""
+    if not cfg.TEST.AMP.ENABLED:
+        return None
+    if cfg.TEST.AMP.DTYPE not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"TEST.AMP.DTYPE must be one of {AUTOCAST_DTYPES}, got '{cfg.TEST.AMP.DTYPE}'."
+        )
+    return getattr(torch, cfg.TEST.AMP.DTYPE)
+
+
 @META_ARCH_REGISTRY.register()
 class VFNet(DenseDetector):
     """
@@ -186,6 +200,7 @@ class VFNet(DenseDetector):
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.6,
         max_detections_per_image: int = 100,
+        test_autocast_dtype: Optional[torch.dtype] = None,
         pixel_mean,
         pixel_std,
     ):
@@ -206,6 +221,9 @@ class VFNet(DenseDetector):
                 scores above the threshold, at most the top k of them.
             test_nms_thresh: IoU threshold of the class-wise NMS.
             max_detections_per_image: detections kept per image after NMS.
+            test_autocast_dtype: run the backbone and the head of inference under autocast to
+                this dtype (bfloat16 on CPU, float16 or bfloat16 on CUDA); the
+                post-processing stays in float32. None: no autocast.
         """
         super().__init__(
             backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
@@ -229,6 +247,7 @@ class VFNet(DenseDetector):
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
+        self.test_autocast_dtype = test_autocast_dtype
 
     @classmethod
     def from_config(cls, cfg):
@@ -269,12 +288,15 @@ class VFNet(DenseDetector):
             "max_detections_per_image": v.TEST_DETECTIONS_PER_IMAGE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "test_autocast_dtype": test_autocast_dtype(cfg),
         }
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """Detectron2's DenseDetector.forward; a non-finite loss names the image at fault."""
+        autocast = not self.training and self.test_autocast_dtype is not None
         try:
-            return super().forward(batched_inputs)
+            with torch.autocast(self.device.type, self.test_autocast_dtype, enabled=autocast):
+                return super().forward(batched_inputs)
         except NonFiniteLossError as e:
             if e.image is None:
                 raise
@@ -387,16 +409,22 @@ class VFNet(DenseDetector):
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
     ) -> List[Instances]:
-        logits, boxes_init, boxes_refine = predictions
+        # Scores, box decoding and NMS in float32 (the predictions may be of an autocast dtype).
+        logits, boxes_init, boxes_refine = (
+            [x.to(torch.promote_types(x.dtype, torch.float32)) for x in p] for p in predictions
+        )
         logits, boxes = self._transpose_dense_predictions(
             [logits, boxes_refine or boxes_init], [self.num_classes, 4]
         )
         anchors = self.anchor_generator(features)
         results = []
-        for img_idx, image_size in enumerate(images.image_sizes):
-            scores = [x[img_idx].sigmoid() for x in logits]
-            distances = [x[img_idx] for x in boxes]
-            results.append(self.inference_single_image(anchors, scores, distances, image_size))
+        with torch.autocast(images.tensor.device.type, enabled=False):
+            for img_idx, image_size in enumerate(images.image_sizes):
+                scores = [x[img_idx].sigmoid() for x in logits]
+                distances = [x[img_idx] for x in boxes]
+                results.append(
+                    self.inference_single_image(anchors, scores, distances, image_size)
+                )
         return results
 
     def inference_single_image(
