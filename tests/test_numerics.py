@@ -235,3 +235,31 @@ def test_a_test_amp_dtype_that_autocast_does_not_take_is_refused():
 
     with pytest.raises(ValueError, match=r"TEST.AMP.DTYPE must be one of \('bfloat16', 'float16'\), got 'float64'"):
         build_model(small_cfg("TEST.AMP.ENABLED", "True", "TEST.AMP.DTYPE", "float64"))
+
+
+@pytest.mark.skipif(not has_detectron2(), reason=NEEDS_DETECTRON2)
+def test_detections_are_matched_by_class_and_overlap_above_the_score():
+    from detectron2.structures import Boxes, Instances
+
+    from vfnet.evaluation.autocast_parity import match_detections, summarize_matches
+
+    def detections(boxes, scores, classes):
+        return Instances(
+            (100, 100), pred_boxes=Boxes(torch.tensor(boxes)), scores=torch.tensor(scores),
+            pred_classes=torch.tensor(classes),
+        )  # fmt: skip
+
+    a = detections([[0.0, 0, 10, 10], [50, 50, 90, 90], [20, 20, 30, 30]], [0.9, 0.5, 0.2], [0, 1, 0])
+    # The first moved by 0.5 px, the second of another class, the third below the threshold.
+    b = detections([[0.5, 0, 10, 10], [50, 50, 90, 90], [20, 20, 30, 30]], [0.88, 0.5, 0.25], [0, 2, 0])
+    m = match_detections(a, b, 0.3)
+    assert m == {"above": 4, "unmatched": 2, "within_1px": 2, "max_box_diff": 0.5,
+                 "max_score_diff": pytest.approx(0.02)}  # fmt: skip
+    assert match_detections(a, a, 0.3) == {
+        "above": 4, "unmatched": 0, "within_1px": 4, "max_box_diff": 0.0, "max_score_diff": 0.0
+    }  # fmt: skip
+    assert match_detections(a, b[:0], 0.3)["unmatched"] == 2
+    moved = detections([[3.0, 0, 10, 10]], [0.9], [0])  # IoU 0.7, 3 px away
+    assert match_detections(a[:1], moved, 0.3)["within_1px"] == 0
+    assert summarize_matches([m, m]) == {"images": 2, "above": 8, "unmatched": 4, "within_1px": 4,
+                                          "max_box_diff": 0.5, "max_score_diff": pytest.approx(0.02)}

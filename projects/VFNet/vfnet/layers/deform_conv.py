@@ -189,6 +189,21 @@ def deform_conv2d_by_sampling(
     return out if bias is None else out + bias.view(1, -1, 1, 1).to(out.dtype)
 
 
+def detectron2_kernel_inputs(
+    weight: Tensor, x: Tensor, offset: Tensor, mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """
+    `x`, `offset` and `mask` as Detectron2's CUDA kernels need them: in the weight's dtype (the
+    kernels ignore autocast and read every tensor as one scalar type) and NCHW-contiguous. The
+    modulated kernel refuses other inputs (`TORCH_CHECK(input.is_contiguous())`); both read the
+    offsets and masks through raw NCHW pointers and write the gradients into
+    `zeros_like(input)` and `zeros_like(offset)` as NCHW: wrong for channels-last tensors.
+    """
+    dtype = weight.dtype
+    x, offset = x.to(dtype).contiguous(), offset.to(dtype).contiguous()
+    return x, offset, None if mask is None else mask.to(dtype).contiguous()
+
+
 class DeformConv2d(nn.Module):
     """
     Deformable convolution (stride 1), optionally modulated (DCNv2).
@@ -251,14 +266,12 @@ class DeformConv2d(nn.Module):
             )
         from detectron2.layers.deform_conv import deform_conv, modulated_deform_conv
 
-        # Detectron2's kernel is not autocast-aware: run it in the weight's dtype.
-        x, offset = x.to(self.weight.dtype), offset.to(self.weight.dtype)
-        mask = None if mask is None else mask.to(self.weight.dtype)
+        x, offset, mask = detectron2_kernel_inputs(self.weight, x, offset, mask)
         if mask is not None:
             return modulated_deform_conv(
-                x, offset, mask, self.weight, self.bias, 1, self.padding, 1, 1, 1
+                x, offset, mask, self.weight.contiguous(), self.bias, 1, self.padding, 1, 1, 1
             )
-        out = deform_conv(x, offset, self.weight, 1, self.padding, 1, 1, 1)
+        out = deform_conv(x, offset, self.weight.contiguous(), 1, self.padding, 1, 1, 1)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:

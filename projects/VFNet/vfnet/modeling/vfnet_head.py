@@ -15,6 +15,14 @@ from ..layers.deform_conv import DeformConv2d
 from .star_dcn import star_dcn_offsets
 
 
+def feature_memory_format(device: torch.device) -> torch.memory_format:
+    """The memory format the head computes in on `device` (VFNetHead.memory_format None)."""
+    # CPU: channels-last (oneDNN's convolutions skip a layout reorder, the gather kernel reads
+    # contiguous channel vectors; measured, README: Performance). CUDA: NCHW, which Detectron2's
+    # deformable kernels read; channels-last is unmeasured there (tools/gpu_check.py measures it).
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
 class ModulatedDeformConvBlock(nn.Module):
     """
     DCNv2 3x3 conv -> norm -> ReLU, with offsets and modulation predicted from its input by a
@@ -94,6 +102,8 @@ class VFNetHead(nn.Module):
         self.gradient_mul = gradient_mul
         self.use_star_dcn = use_star_dcn
         self.use_refine = use_refine
+        # The memory format of the features; None: feature_memory_format of their device.
+        self.memory_format = None
 
         def tower():
             layers = [
@@ -165,9 +175,10 @@ class VFNetHead(nn.Module):
         """
         logits, boxes_init, boxes_refine = [], [], []
         for i, x in enumerate(features):
-            # Channels-last: oneDNN's convolutions skip a layout reorder, the gathers of the
-            # deformable convs read contiguous channel vectors.
-            x = x.contiguous(memory_format=torch.channels_last)
+            memory_format = self.memory_format
+            if memory_format is None:
+                memory_format = feature_memory_format(x.device)
+            x = x.contiguous(memory_format=memory_format)
             cls_feat = self.cls_tower(x)
             reg_feat = self.reg_tower(x)
             box = self.reg_init(self.reg_init_conv(reg_feat)) * self.scales[i]

@@ -11,7 +11,12 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
-from ...layers.deform_conv import finite_offsets
+from ...layers.deform_conv import detectron2_kernel_inputs, finite_offsets
+
+
+def runs_detectron2_kernel(x: Tensor) -> bool:
+    """Whether the DCN stages run Detectron2's CUDA kernel on `x` (else torchvision's)."""
+    return x.is_cuda
 
 
 class _AnyDeviceDeformConv:
@@ -25,7 +30,10 @@ class _AnyDeviceDeformConv:
         # A non-finite offset reads zero (vfnet.layers.finite_offsets), and never reaches the
         # kernels: torchvision's CPU kernel crashes the process on NaN.
         offset = finite_offsets(offset)
-        if x.is_cuda:
+        if runs_detectron2_kernel(x):
+            # In the weight's dtype (under autocast too) and NCHW-contiguous, as the kernel
+            # reads them; Detectron2's forward then adds norm and activation.
+            x, offset, mask = detectron2_kernel_inputs(self.weight, x, offset, mask)
             return super().forward(x, offset) if mask is None else super().forward(x, offset, mask)
         # One dtype for all inputs (float32 under autocast: sampling positions included).
         dtype = torch.promote_types(x.dtype, self.weight.dtype)

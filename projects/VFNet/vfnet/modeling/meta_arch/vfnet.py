@@ -61,7 +61,8 @@ def non_finite_workers(values: List[Tensor]) -> List[int]:
     world_size = comm.get_world_size()
     if world_size == 1:
         return [] if finite else [0]
-    flags = torch.zeros(world_size, dtype=torch.float64)
+    # On the values' device: NCCL reduces CUDA tensors only.
+    flags = torch.zeros(world_size, dtype=torch.float64, device=values[0].device)
     flags[comm.get_rank()] = 0.0 if finite else 1.0
     dist.all_reduce(flags)
     return flags.nonzero().flatten().tolist()
