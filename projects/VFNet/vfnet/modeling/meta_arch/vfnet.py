@@ -3,6 +3,7 @@ VarifocalNet (Zhang et al., "VarifocalNet: An IoU-aware Dense Object Detector", 
 Detectron2 dense detector.
 """
 import logging
+from contextlib import nullcontext
 from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
@@ -294,9 +295,11 @@ class VFNet(DenseDetector):
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """Detectron2's DenseDetector.forward; a non-finite loss names the image at fault."""
-        autocast = not self.training and self.test_autocast_dtype is not None
+        autocast = nullcontext()  # (a disabled torch.autocast would undo a caller's autocast)
+        if not self.training and self.test_autocast_dtype is not None:
+            autocast = torch.autocast(self.device.type, self.test_autocast_dtype)
         try:
-            with torch.autocast(self.device.type, self.test_autocast_dtype, enabled=autocast):
+            with autocast:
                 return super().forward(batched_inputs)
         except NonFiniteLossError as e:
             if e.image is None:
