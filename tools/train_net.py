@@ -4,6 +4,8 @@ Train and evaluate VarifocalNet with Detectron2's DefaultTrainer.
 
     python tools/train_net.py --config-file configs/VFNet_Shapes_Demo.yaml
     python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
+    python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth \
+        TEST.AUG.ENABLED True  # also with test-time augmentation (official scales: *_TTA.yaml)
     python tools/train_net.py --config-file CONFIG --resume
     python tools/train_net.py --config-file CONFIG --dataset mine_train=train.json:images/ \
         --dataset mine_val=val.json:images/ DATASETS.TRAIN "('mine_train',)" \

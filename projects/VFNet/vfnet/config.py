@@ -1,6 +1,6 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
-`DATASETS.DROP_UNREADABLE_IMAGES`) and their defaults.
+`DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`) and their defaults.
 """
 from detectron2.config import CfgNode as CN
 
@@ -27,6 +27,12 @@ def add_vfnet_config(cfg):
     # Inference under autocast (the backbone and the head; post-processing in float32):
     # bfloat16 on CPU (AMX/AVX-512 bf16 CPUs run it faster), float16 or bfloat16 on CUDA.
     cfg.TEST.AMP = CN({"ENABLED": False, "DTYPE": "bfloat16"})
+
+    # Test-time augmentation (vfnet/modeling/test_time_augmentation.py), with Detectron2's
+    # TEST.AUG keys (ENABLED, MIN_SIZES, MAX_SIZE, FLIP) and this one: the long-side limit of
+    # each of TEST.AUG.MIN_SIZES, as MMDetection's (long, short) test scales give it; empty:
+    # TEST.AUG.MAX_SIZE for all. configs/VFNet_R_50_FPN_1x_TTA.yaml sets the official scales.
+    cfg.TEST.AUG.MAX_SIZES = ()
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET

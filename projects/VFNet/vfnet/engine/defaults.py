@@ -4,13 +4,15 @@ checkpointer, resumable data loader, mapper and evaluator, and what tools/train_
 """
 import copy
 import difflib
+import logging
 import os
 import re
 import weakref
+from collections import OrderedDict
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -21,6 +23,7 @@ from ..data.build import build_resumable_train_loader
 from ..data.datasets import register_coco_dataset
 from ..data.mapper import VFNetDatasetMapper
 from ..evaluation import VFNetCOCOEvaluator
+from ..modeling.test_time_augmentation import VFNetWithTTA
 
 __all__ = [
     "Trainer",
@@ -124,6 +127,30 @@ class Trainer(DefaultTrainer):
         check_datasets(cfg, keys=("TEST",))
         return super().test(cfg, model, evaluators)
 
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """
+        Evaluate `model` with test-time augmentation (:class:`VFNetWithTTA`, TEST.AUG.*), as
+        Detectron2's tools/train_net.py does: the evaluators write to OUTPUT_DIR/inference_TTA,
+        the results are returned under the evaluation's keys + "_TTA" ("bbox_TTA").
+        """
+        logging.getLogger("vfnet").info("Running inference with test-time augmentation ...")
+        model = VFNetWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
+            )
+            for name in cfg.DATASETS.TEST
+        ]
+        # The test loader gives the original images (MIN_SIZE_TEST 0: no resize), which each
+        # view is resized from, as MMDetection's MultiScaleFlipAug does.
+        loader_cfg = cfg.clone()
+        loader_cfg.defrost()
+        loader_cfg.INPUT.MIN_SIZE_TEST = 0
+        loader_cfg.freeze()
+        res = cls.test(loader_cfg, model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
+
 
 def default_argument_parser(epilog=None):
     """
@@ -200,7 +227,8 @@ def setup(args):
 def main(args):
     """
     What tools/train_net.py runs in each worker: register the `--dataset`s, then train (resuming
-    with `--resume`), or with `--eval-only` evaluate the weights.
+    with `--resume`), or with `--eval-only` evaluate the weights; with TEST.AUG.ENABLED, also
+    with test-time augmentation (after the evaluation, or at the end of training).
     """
     # The flags for damaged image files set their config keys (saved in OUTPUT_DIR/config.yaml).
     flags = (
@@ -234,8 +262,15 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         load_for_evaluation(model, cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, resume=args.resume)
-        return Trainer.test(cfg, model)
+        res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
+        return res
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:  # an evaluation with TTA at the end of training (Detectron2's)
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
+        )
     return trainer.train()

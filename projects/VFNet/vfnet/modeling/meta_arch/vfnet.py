@@ -293,13 +293,17 @@ class VFNet(DenseDetector):
             "test_autocast_dtype": test_autocast_dtype(cfg),
         }
 
+    def _inference_autocast(self):
+        """The autocast of TEST.AMP in inference, else a no-op context."""
+        # (a disabled torch.autocast would undo a caller's autocast)
+        if not self.training and self.test_autocast_dtype is not None:
+            return torch.autocast(self.device.type, self.test_autocast_dtype)
+        return nullcontext()
+
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """Detectron2's DenseDetector.forward; a non-finite loss names the image at fault."""
-        autocast = nullcontext()  # (a disabled torch.autocast would undo a caller's autocast)
-        if not self.training and self.test_autocast_dtype is not None:
-            autocast = torch.autocast(self.device.type, self.test_autocast_dtype)
         try:
-            with autocast:
+            with self._inference_autocast():
                 return super().forward(batched_inputs)
         except NonFiniteLossError as e:
             if e.image is None:
@@ -410,8 +414,29 @@ class VFNet(DenseDetector):
         losses["loss_cls"] = loss_cls / normalizer
         return losses
 
+    @torch.no_grad()
+    def inference_candidates(self, batched_inputs: List[Dict[str, Tensor]]) -> List[Instances]:
+        """
+        The detections of each input image before the class-wise NMS, in the coordinates of the
+        input image (not rescaled to its "height" and "width"): what :meth:`forward` computes in
+        inference up to the NMS (per level the scores above TEST_SCORE_THRESH, at most
+        TEST_TOPK_CANDIDATES of them, boxes clipped to the image, empty boxes dropped), sorted
+        by level then score. Test-time augmentation merges these over the augmented views
+        (:class:`vfnet.modeling.test_time_augmentation.VFNetWithTTA`). Call in eval mode.
+        """
+        with self._inference_autocast():
+            images = self.preprocess_image(batched_inputs)
+            features = self.backbone(images.tensor)
+            features = [features[f] for f in self.head_in_features]
+            predictions = self.head(features)
+            return self.forward_inference(images, features, predictions, nms=False)
+
     def forward_inference(
-        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: List[List[Tensor]],
+        nms: bool = True,
     ) -> List[Instances]:
         # Scores, box decoding and NMS in float32 (the predictions may be of an autocast dtype).
         logits, boxes_init, boxes_refine = (
@@ -427,7 +452,7 @@ class VFNet(DenseDetector):
                 scores = [x[img_idx].sigmoid() for x in logits]
                 distances = [x[img_idx] for x in boxes]
                 results.append(
-                    self.inference_single_image(anchors, scores, distances, image_size)
+                    self.inference_single_image(anchors, scores, distances, image_size, nms)
                 )
         return results
 
@@ -437,6 +462,7 @@ class VFNet(DenseDetector):
         scores: List[Tensor],
         distances: List[Tensor],
         image_size: Tuple[int, int],
+        nms: bool = True,
     ) -> Instances:
         """
         Args:
@@ -444,6 +470,8 @@ class VFNet(DenseDetector):
             scores: per level, (Ri, K) scores in [0, 1].
             distances: per level, (Ri, 4) predicted distances (l, t, r, b).
             image_size: (height, width) of the image before padding.
+            nms: False: return the candidates before the class-wise NMS and the top
+                TEST_DETECTIONS_PER_IMAGE (for test-time augmentation).
 
         Returns:
             Instances with pred_boxes (clipped to the image), scores and pred_classes.
@@ -460,6 +488,8 @@ class VFNet(DenseDetector):
         # Boxes clipped to nothing are dropped before NMS (as the official post-processing does),
         # so that they take no place among the detections kept.
         pred = pred[pred.pred_boxes.nonempty()]
+        if not nms:
+            return pred
         keep = batched_nms(
             pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
         )
