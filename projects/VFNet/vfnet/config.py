@@ -1,6 +1,6 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
-`DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`) and their defaults.
+`DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.SWA.*`) and their defaults.
 """
 from detectron2.config import CfgNode as CN
 
@@ -33,6 +33,21 @@ def add_vfnet_config(cfg):
     # each of TEST.AUG.MIN_SIZES, as MMDetection's (long, short) test scales give it; empty:
     # TEST.AUG.MAX_SIZE for all. configs/VFNet_R_50_FPN_1x_TTA.yaml sets the official scales.
     cfg.TEST.AUG.MAX_SIZES = ()
+
+    # Stochastic weight averaging (vfnet/engine/hooks.py; the official SWA phase): after the
+    # SOLVER.MAX_ITER iterations of the normal schedule (0: none, from MODEL.WEIGHTS), EPOCHS
+    # epochs of EPOCH_ITERS iterations (0: DATASETS.TRAIN's images / SOLVER.IMS_PER_BATCH), each
+    # with the learning rate going from LR_FACTORS[0] to LR_FACTORS[1] x the normal one along a
+    # cosine (mmcv's cyclic policy, step_ratio_up 0); the weights at the end of each epoch are
+    # averaged into OUTPUT_DIR/model_swa.pth, evaluated when TEST.EVAL_PERIOD > 0. BatchNorm
+    # layers that train their statistics get them recomputed for the average over
+    # BN_UPDATE_ITERS training batches (0: one epoch).
+    cfg.SOLVER.SWA = CN()
+    cfg.SOLVER.SWA.ENABLED = False
+    cfg.SOLVER.SWA.EPOCHS = 12
+    cfg.SOLVER.SWA.EPOCH_ITERS = 0
+    cfg.SOLVER.SWA.LR_FACTORS = (1.0, 0.01)
+    cfg.SOLVER.SWA.BN_UPDATE_ITERS = 0
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET

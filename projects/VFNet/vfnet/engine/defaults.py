@@ -24,6 +24,8 @@ from ..data.datasets import register_coco_dataset
 from ..data.mapper import VFNetDatasetMapper
 from ..evaluation import VFNetCOCOEvaluator
 from ..modeling.test_time_augmentation import VFNetWithTTA
+from ..solver import build_lr_scheduler, swa_schedule
+from .hooks import StochasticWeightAveraging
 
 __all__ = [
     "Trainer",
@@ -79,9 +81,25 @@ def check_datasets(cfg, keys=("TRAIN", "TEST")):
 
 
 class Trainer(DefaultTrainer):
+    """
+    Detectron2's DefaultTrainer with this project's checkpointer, resumable data loader, mapper
+    and evaluator; with SOLVER.SWA.ENABLED, the run goes on after SOLVER.MAX_ITER with the SWA
+    phase (:class:`StochasticWeightAveraging`, SOLVER.SWA.*), which writes OUTPUT_DIR/model_swa.pth.
+    """
+
     def __init__(self, cfg):
         check_datasets(cfg)
+        schedule = swa_schedule(cfg)
+        if schedule.epochs and schedule.epoch_iters != cfg.SOLVER.SWA.EPOCH_ITERS:
+            cfg = cfg.clone()  # an epoch's iterations, counted once from DATASETS.TRAIN
+            cfg.defrost()
+            cfg.SOLVER.SWA.EPOCH_ITERS = schedule.epoch_iters
+            cfg.freeze()
         super().__init__(cfg)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ builds its DetectionCheckpointer just before it calls
@@ -89,7 +107,54 @@ class Trainer(DefaultTrainer):
         self.checkpointer = VFNetCheckpointer(
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        schedule = swa_schedule(self.cfg)
+        self.max_iter = schedule.max_iter  # the writers' ETA and the hooks count the SWA phase
+        ret = super().build_hooks()
+        if schedule.epochs:
+            # Before the checkpointer, whose checkpoints hold the average of that iteration.
+            first = next(
+                i for i, h in enumerate(ret)
+                if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+            )  # fmt: skip
+            ret.insert(first, self._build_swa_hook(schedule))
+        return ret
+
+    def _build_swa_hook(self, schedule):
+        cfg = self.cfg
+        eval_function = None
+        if cfg.TEST.EVAL_PERIOD > 0 and cfg.DATASETS.TEST:
+
+            def eval_function(model):
+                folder = os.path.join(cfg.OUTPUT_DIR, "inference_swa")
+                evaluators = [
+                    self.build_evaluator(cfg, name, output_folder=folder)
+                    for name in cfg.DATASETS.TEST
+                ]
+                results = self.test(cfg, model, evaluators)
+                self._last_swa_results = OrderedDict((k + "_swa", v) for k, v in results.items())
+                return results
+
+        bn_iters = cfg.SOLVER.SWA.BN_UPDATE_ITERS or schedule.epoch_iters
+        return StochasticWeightAveraging(
+            schedule.start_iter,
+            schedule.epoch_iters,
+            schedule.epochs,
+            cfg.OUTPUT_DIR,
+            eval_function=eval_function,
+            bn_update_loader=lambda: self.build_train_loader(cfg),
+            bn_update_iters=bn_iters,
+        )
+
+    def train(self):
+        """
+        Train; return the last evaluation's results (main process), with those of the SWA model
+        under their keys + "_swa" ("bbox_swa") when it was evaluated.
+        """
+        self._last_swa_results = OrderedDict()
+        results = super().train()
+        if self._last_swa_results and comm.is_main_process():
+            results = OrderedDict(results or {}, **self._last_swa_results)
+        return results
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
