@@ -24,6 +24,7 @@ from ..data.datasets import register_coco_dataset
 from ..data.mapper import VFNetDatasetMapper
 from ..evaluation import VFNetCOCOEvaluator
 from ..modeling.test_time_augmentation import VFNetWithTTA
+from ..solver import build_optimizer
 
 __all__ = [
     "Trainer",
@@ -105,6 +106,10 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "data_loader" in state_dict:  # checkpoints of this project before 2026-12
             self._trainer.data_loader.batch_sampler.load_state_dict(state_dict["data_loader"])
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
