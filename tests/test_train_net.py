@@ -1,11 +1,14 @@
 """End to end: tools/train_net.py trains, checkpoints, evaluates, resumes, on a tiny dataset."""
+import glob
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
@@ -89,35 +92,151 @@ def test_training_writes_a_model_zoo_style_checkpoint(trained):
     copypaste_metrics(log)
 
 
-def test_optimizer_follows_the_official_schedule():
+# The official recipe (VarifocalNet's configs, MMDetection 2.10 / mmcv 1.2), written out.
+BASE_LR, WEIGHT_DECAY = 0.01, 1e-4
+# COCO train2017 has 118,287 images; MMDetection trains on the 117,266 with annotations.
+COCO_TRAIN2017_IMAGES_WITH_ANNOTATIONS = 117266
+BATCH = 16
+ITERS_PER_EPOCH = math.ceil(COCO_TRAIN2017_IMAGES_WITH_ANNOTATIONS / BATCH)  # 7330
+# lr_config step (lr x0.1 after these epochs) and the number of epochs of each schedule.
+OFFICIAL_EPOCHS = {"1x": ((8, 11), 12), "2x": ((16, 22), 24)}
+
+
+def build_vfnet(config, *opts):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
-    from detectron2.solver import build_lr_scheduler
 
     import vfnet
 
-    from vfnet.engine import Trainer
-
     cfg = get_cfg()
     vfnet.add_vfnet_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "VFNet_R_50_FPN_1x.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
-    model = build_model(cfg)
-    optimizer = Trainer.build_optimizer(cfg, model)
-    assert isinstance(optimizer, torch.optim.SGD)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", config))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg, build_model(cfg)
+
+
+def lr_and_decay_of_each_parameter(optimizer, model):
     names = {id(p): n for n, p in model.named_parameters()}
+    found = {}
     for group in optimizer.param_groups:
         assert group["momentum"] == 0.9
         for p in group["params"]:
-            if names[id(p)].endswith(".bias"):  # biases: lr x 2, no weight decay
-                assert (group["lr"], group["weight_decay"]) == (0.02, 0.0), names[id(p)]
+            assert names[id(p)] not in found, names[id(p)]
+            found[names[id(p)]] = (group["lr"], group["weight_decay"])
+    return found
+
+
+@pytest.mark.parametrize(
+    "config, opts",
+    [
+        # R-18, with trainable BatchNorm in the backbone (the official ResNets train theirs).
+        ("VFNet_R_50_FPN_1x.yaml", ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]),
+        # DCNv2 in res3-res5 and on the last conv of the head towers: their offset convs.
+        ("VFNet_R_50_DCN_FPN_MS_2x.yaml", []),
+    ],
+)
+@pytest.mark.parametrize("param_groups", ["mmdet", "detectron2"])
+def test_optimizer_groups_follow_the_official_recipe(config, opts, param_groups):
+    from vfnet.engine import Trainer
+
+    cfg, model = build_vfnet(config, "MODEL.RESNETS.NORM", "BN", *opts)
+    assert cfg.SOLVER.PARAM_GROUPS == "mmdet"  # the official configs'
+    cfg.SOLVER.PARAM_GROUPS = param_groups
+    optimizer = Trainer.build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.SGD)
+    found = lr_and_decay_of_each_parameter(optimizer, model)
+
+    # Each parameter by the type of its module: mmcv's DefaultOptimizerConstructor with
+    # paramwise_cfg=dict(bias_lr_mult=2., bias_decay_mult=0.) gives lr x2 and no decay to the
+    # biases of the convs, but not to those of the norm layers or of the offset convs of the
+    # deformable convs (mmcv's conv2.conv_offset, here conv2_offset and conv_offset), which keep
+    # the base lr and decay as every other parameter; Detectron2's gives lr x2 and
+    # WEIGHT_DECAY_BIAS to every bias and WEIGHT_DECAY_NORM to the norm layers' weights.
+    expected, kinds = {}, set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                kind = f"{type(module).__name__} {name}"
+            elif module_name.endswith(("conv2_offset", ".conv_offset")):
+                assert isinstance(module, nn.Conv2d)
+                kind = f"offset conv {name}"
+            elif name == "bias":
+                assert isinstance(module, nn.Conv2d), module_name
+                kind = "conv bias"
             else:
-                assert (group["lr"], group["weight_decay"]) == (0.01, 1e-4), names[id(p)]
-    # Linear warm-up from 0.1 x lr over 500 iterations, x0.1 at 60k and 80k.
+                kind = name  # conv weights, the head's scales and scales_refine
+            kinds.add(kind)
+            official = (BASE_LR * 2, 0.0) if kind == "conv bias" else (BASE_LR, WEIGHT_DECAY)
+            detectron2 = (BASE_LR * 2, 0.0) if name == "bias" else (BASE_LR, WEIGHT_DECAY)
+            expected[f"{module_name}.{name}"] = official if param_groups == "mmdet" else detectron2
+    assert found == expected
+    must = {"conv bias", "weight", "scales", "BatchNorm2d bias", "GroupNorm bias"}
+    assert must <= kinds
+    if "DCN" in config:
+        assert {"offset conv weight", "offset conv bias"} <= kinds
+
+
+@pytest.mark.parametrize("config, schedule", [("VFNet_R_50_FPN_1x.yaml", "1x"), ("VFNet_R_50_FPN_MS_2x.yaml", "2x")])
+def test_lr_schedule_follows_the_official_recipe(config, schedule):
+    from detectron2.solver import build_lr_scheduler
+
+    from vfnet.engine import Trainer
+
+    cfg, model = build_vfnet(config, "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64")
+    optimizer = Trainer.build_optimizer(cfg, model)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    assert sorted(set(base_lrs)) == [BASE_LR, 2 * BASE_LR]
     scheduler = build_lr_scheduler(cfg, optimizer)
-    for it, expected in [(0, 0.1), (250, 0.55), (500, 1.0), (59999, 1.0), (60000, 0.1), (80000, 0.01)]:
+    steps, epochs = OFFICIAL_EPOCHS[schedule]
+
+    def mmcv_factor(it):
+        # mmcv 1.2's LrUpdaterHook: policy 'step' by epoch (x0.1 from the start of each epoch
+        # of `steps`), warmup='linear', warmup_iters=500, warmup_ratio=0.1.
+        regular = 0.1 ** sum(it // ITERS_PER_EPOCH >= s for s in steps)
+        if it < 500:
+            return regular * (1 - (1 - it / 500) * (1 - 0.1))
+        return regular
+
+    boundaries = [s * ITERS_PER_EPOCH + d for s in steps for d in (-1, 0)]
+    iterations = [*range(0, 501, 25), *boundaries, epochs * ITERS_PER_EPOCH - 1]
+    for it in iterations:
         scheduler.last_epoch = it
-        assert scheduler.get_last_lr() and scheduler.get_lr()[0] == pytest.approx(0.01 * expected), it
+        for lr, base_lr in zip(scheduler.get_lr(), base_lrs):
+            assert lr == pytest.approx(base_lr * mmcv_factor(it), rel=1e-12), it
+    assert cfg.SOLVER.MAX_ITER == epochs * ITERS_PER_EPOCH
+
+
+def test_configs_train_for_the_official_epochs():
+    """Every config that claims an official schedule trains its epochs of COCO train2017."""
+    from detectron2.config import get_cfg
+
+    import vfnet
+
+    demos = {"VFNet_Shapes_Demo.yaml", "VFNet_Raccoon.yaml", "RetinaNet_Shapes_Demo.yaml"}
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+    checked = 0
+    for path in paths:
+        name = os.path.basename(path)
+        if name in demos:
+            continue
+        found = re.search(r"(1x|2x)", name)
+        schedule = "1x" if name == "Base-VFNet.yaml" else found and found.group(1)
+        assert schedule, f"{path} names no official schedule"
+        cfg = get_cfg()
+        vfnet.add_vfnet_config(cfg)
+        cfg.merge_from_file(path)
+        steps, epochs = OFFICIAL_EPOCHS[schedule]
+        s = cfg.SOLVER
+        assert tuple(s.STEPS) == tuple(e * ITERS_PER_EPOCH for e in steps), path
+        assert s.MAX_ITER == epochs * ITERS_PER_EPOCH, path
+        assert (s.IMS_PER_BATCH, s.BASE_LR, s.MOMENTUM, s.WEIGHT_DECAY) == (BATCH, BASE_LR, 0.9, WEIGHT_DECAY)
+        assert (s.WARMUP_METHOD, s.WARMUP_FACTOR, s.WARMUP_ITERS) == ("linear", 0.1, 500), path
+        assert (s.PARAM_GROUPS, s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS) == ("mmdet", 2.0, 0.0), path
+        assert s.WEIGHT_DECAY_NORM == WEIGHT_DECAY, path
+        checked += 1
+    assert checked >= 20  # the base configs, the models, the ablations, configs/mmdet
 
 
 def test_eval_only_reproduces_the_in_training_evaluation(trained, tiny, tmp_path):

@@ -1,6 +1,7 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
-`DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.SWA.*`) and their defaults.
+`DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.PARAM_GROUPS`,
+`SOLVER.SWA.*`) and their defaults.
 """
 from detectron2.config import CfgNode as CN
 
@@ -48,6 +49,14 @@ def add_vfnet_config(cfg):
     cfg.SOLVER.SWA.EPOCH_ITERS = 0
     cfg.SOLVER.SWA.LR_FACTORS = (1.0, 0.01)
     cfg.SOLVER.SWA.BN_UPDATE_ITERS = 0
+    # Which parameters SOLVER.BIAS_LR_FACTOR and SOLVER.WEIGHT_DECAY_BIAS apply to
+    # (vfnet/solver/build.py). "mmdet": as the official VarifocalNet (mmcv's
+    # DefaultOptimizerConstructor with bias_lr_mult, bias_decay_mult): the biases of the convs and
+    # linear layers; the norm layers' weights and biases keep the base lr with decay
+    # SOLVER.WEIGHT_DECAY_NORM, the offset convs of the deformable convs the base lr and decay.
+    # "detectron2": Detectron2's get_default_optimizer_params, every parameter named bias (norm
+    # layers' included). configs/Base-VFNet.yaml sets "mmdet".
+    cfg.SOLVER.PARAM_GROUPS = "detectron2"
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET

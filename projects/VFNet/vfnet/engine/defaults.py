@@ -24,7 +24,7 @@ from ..data.datasets import register_coco_dataset
 from ..data.mapper import VFNetDatasetMapper
 from ..evaluation import VFNetCOCOEvaluator
 from ..modeling.test_time_augmentation import VFNetWithTTA
-from ..solver import build_lr_scheduler, swa_schedule
+from ..solver import build_lr_scheduler, build_optimizer, swa_schedule
 from .hooks import StochasticWeightAveraging
 
 __all__ = [
@@ -170,6 +170,10 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "data_loader" in state_dict:  # checkpoints of this project before 2026-12
             self._trainer.data_loader.batch_sampler.load_state_dict(state_dict["data_loader"])
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
