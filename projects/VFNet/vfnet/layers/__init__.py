@@ -9,3 +9,4 @@ from .deform_conv import (
     deform_conv2d_by_sampling,
     finite_offsets,
 )
+from .soft_nms import SOFT_NMS_METHODS, batched_soft_nms, soft_nms
