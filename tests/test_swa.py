@@ -149,13 +149,20 @@ def test_swa_under_two_ddp_workers_averages_the_epoch_ends_evaluates_and_reloads
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"),
            *train_net(out, "--dataset", swa_data["train"], "--dataset", swa_data["val"],
                       "DATASETS.TEST", "('swa_val',)", "TEST.EVAL_PERIOD", "100",
-                      "MODEL.VFNET.TEST_SCORE_THRESH", "0.0", num_gpus=2)]  # fmt: skip
+                      "MODEL.VFNET.TEST_SCORE_THRESH", "0.0", "TEST.GALLERY.NUM_IMAGES", "2",
+                      num_gpus=2)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "on 2 devices" in log and (out / "log.txt.rank1").exists()
     assert "recomputing the statistics of 20 BatchNorm layers" in log  # ResNet-18 with BN
     assert_is_the_mean_of_the_epoch_ends(out)
+    # The run ends with its pictures (main process) and says where they are, after its AP.
+    pictures = [out / f for f in ("detections.png", "ap.png", "losses.png", "lr.png")]
+    assert all(p.stat().st_size > 1000 for p in pictures)
+    last = [line for line in log.splitlines() if "vfnet.engine.hooks" in line][-3:]
+    assert "bbox: AP " in last[0] and "bbox_swa: AP " in last[1]
+    assert last[2].endswith("Pictures: " + ", ".join(str(p) for p in pictures))
 
     # Evaluated after each SWA epoch, and the final model's once; the last of each in metrics.
     assert log.count("Evaluation results for swa_val") == 3 + 1

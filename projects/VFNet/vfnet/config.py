@@ -1,7 +1,7 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
 `DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.PARAM_GROUPS`,
-`SOLVER.SWA.*`) and their defaults.
+`SOLVER.SWA.*`, `TEST.GALLERY.*`) and their defaults.
 """
 from detectron2.config import CfgNode as CN
 
@@ -57,6 +57,12 @@ def add_vfnet_config(cfg):
     # "detectron2": Detectron2's get_default_optimizer_params, every parameter named bias (norm
     # layers' included). configs/Base-VFNet.yaml sets "mmdet".
     cfg.SOLVER.PARAM_GROUPS = "detectron2"
+
+    # The pictures at the end of training (vfnet/engine/hooks.py Pictures): the first NUM_IMAGES
+    # images of DATASETS.TEST[0] with the detections scoring >= SCORE_THRESH drawn by Detectron2's
+    # Visualizer, COLUMNS per row, in OUTPUT_DIR/detections.png, and the training curves
+    # (OUTPUT_DIR/losses.png, lr.png, ap.png); 0 images: none.
+    cfg.TEST.GALLERY = CN({"NUM_IMAGES": 0, "SCORE_THRESH": 0.3, "COLUMNS": 4})
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET

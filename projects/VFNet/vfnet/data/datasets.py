@@ -27,8 +27,19 @@ from .validation import (
 logger = logging.getLogger(__name__)
 
 SHAPES_DATASETS = {"vfnet_shapes_train": "train", "vfnet_shapes_val": "val"}
-# The registered shapes dataset: objects of 16 px and more (see shapes.draw_scene).
-SHAPES_PARAMS = {"min_object_size": 16}
+# The registered shapes dataset (see shapes.draw_scene): 1 to 3 objects per image, of 24 px and
+# more, up to 0.6 of the image's shorter side, aspect ratios up to 2, at most 10% occluded, box
+# IoU at most 0.2, on noise or gradient backgrounds; no empty images.
+SHAPES_PARAMS = {
+    "min_object_size": 24,
+    "max_object_frac": 0.6,
+    "max_objects": 3,
+    "max_aspect": 2.0,
+    "max_occlusion": 0.1,
+    "max_box_iou": 0.2,
+    "empty_prob": 0.0,
+    "backgrounds": ("noise", "gradient"),
+}
 
 
 def default_shapes_root() -> str:

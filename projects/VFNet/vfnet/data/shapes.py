@@ -43,15 +43,18 @@ DEFAULT_IMAGE_SIZE = (128, 192)
 GENERATOR_VERSION = 1
 
 
-def _background(rng, height, width):
+BACKGROUNDS = ("noise", "gradient", "stripes", "blotches")
+
+
+def _background(rng, height, width, kinds=BACKGROUNDS):
     """
     Returns:
-        (H, W, 3) float64 random background: noise, a gradient, stripes/checker or low-contrast
-        blotches.
+        (H, W, 3) float64 random background of one of `kinds` (of BACKGROUNDS): noise, a gradient,
+        stripes/checker or low-contrast blotches.
     """
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
     base = rng.uniform(0, 255, size=3)
-    kind = rng.integers(4)
+    kind = BACKGROUNDS.index(kinds[rng.integers(len(kinds))])
     if kind == 0:  # uniform noise around a base colour
         amplitude = rng.uniform(10, 40)
         image = base + rng.uniform(-amplitude, amplitude, size=(height, width, 3))
@@ -205,6 +208,7 @@ def draw_scene(
     max_box_iou=0.6,
     min_contrast=96,
     max_attempts=20,
+    backgrounds=BACKGROUNDS,
 ):
     """
     Draws one image: a random background and, with probability ``1 - empty_prob``, 1..max_objects
@@ -213,7 +217,7 @@ def draw_scene(
     are stretched to aspect ratios up to ``max_aspect`` (either way) and every shape is rotated.
     A placement is retried (at most ``max_attempts`` times, then the object is dropped) if it hides
     more than ``max_occlusion`` of an earlier object's pixels or if its box IoU with an earlier one
-    exceeds ``max_box_iou``.
+    exceeds ``max_box_iou``. The background is one of ``backgrounds`` (of BACKGROUNDS).
 
     Args:
         rng (np.random.Generator): the only source of randomness.
@@ -224,7 +228,7 @@ def draw_scene(
             (later objects may occlude earlier ones).
         labels: list of int, the 0-based index in SHAPE_CLASSES of each object.
     """
-    image = np.clip(np.rint(_background(rng, height, width)), 0, 255).astype(np.uint8)
+    image = np.clip(np.rint(_background(rng, height, width, backgrounds)), 0, 255).astype(np.uint8)
     num_objects = 0 if rng.random() < empty_prob else int(rng.integers(1, max_objects + 1))
     max_size = max(min_object_size, max_object_frac * min(height, width))
     masks, labels, boxes, visible = [], [], [], []

@@ -25,7 +25,8 @@ from ..data.mapper import VFNetDatasetMapper
 from ..evaluation import VFNetCOCOEvaluator
 from ..modeling.test_time_augmentation import VFNetWithTTA
 from ..solver import build_lr_scheduler, build_optimizer, swa_schedule
-from .hooks import StochasticWeightAveraging
+from ..utils.gallery import write_gallery
+from .hooks import Pictures, StochasticWeightAveraging
 
 __all__ = [
     "Trainer",
@@ -117,6 +118,19 @@ class Trainer(DefaultTrainer):
                 if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
             )  # fmt: skip
             ret.insert(first, self._build_swa_hook(schedule))
+        gallery = self.cfg.TEST.GALLERY
+        if gallery.NUM_IMAGES > 0 and self.cfg.DATASETS.TEST:
+            mapper = VFNetDatasetMapper(self.cfg, is_train=False)
+            ret.append(
+                Pictures(
+                    self.cfg.OUTPUT_DIR,
+                    lambda model: write_gallery(
+                        model, self.cfg, mapper, os.path.join(self.cfg.OUTPUT_DIR, "detections.png"),
+                        gallery.NUM_IMAGES, gallery.SCORE_THRESH, gallery.COLUMNS,
+                    ),
+                    lambda: getattr(self, "_last_eval_results", None),
+                )
+            )  # fmt: skip
         return ret
 
     def _build_swa_hook(self, schedule):

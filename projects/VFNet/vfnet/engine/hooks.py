@@ -1,6 +1,7 @@
 """
 Hooks of the project's trainer: stochastic weight averaging (SWA) of the weights at the end of
-each epoch of a cyclic-LR phase (Zhang et al., "SWA Object Detection"; the official SWAHook).
+each epoch of a cyclic-LR phase (Zhang et al., "SWA Object Detection"; the official SWAHook),
+and the pictures at the end of a run (a gallery of detections and the training curves).
 """
 import itertools
 import logging
@@ -18,7 +19,7 @@ from detectron2.utils import comm
 
 from ..checkpoint.detection_checkpoint import atomic_write
 
-__all__ = ["StochasticWeightAveraging"]
+__all__ = ["Pictures", "StochasticWeightAveraging"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,3 +160,30 @@ class StochasticWeightAveraging(HookBase):
     def load_state_dict(self, state_dict):
         self.averaged = None
         self._pending_state = state_dict.get("averaged")
+
+
+class Pictures(HookBase):
+    """
+    At the end of training (main process): `write_gallery(model)`, a picture of the model's
+    detections on validation images, and the training curves of OUTPUT_DIR/metrics.json
+    (vfnet/utils/plot_metrics.py) into `output_dir`; then log the last evaluation's box AP and
+    the pictures' paths, as the run's last lines. Registered after the writers, which complete
+    metrics.json when training ends.
+    """
+
+    def __init__(self, output_dir: str, write_gallery: Callable[[torch.nn.Module], str], results: Callable[[], dict]):
+        self.output_dir = output_dir
+        self.write_gallery = write_gallery
+        self.results = results
+
+    def after_train(self):
+        if not comm.is_main_process():
+            return
+        from ..utils.plot_metrics import plot_metrics
+
+        paths = [self.write_gallery(_bare(self.trainer.model))]
+        paths += sorted(plot_metrics(self.output_dir))
+        for name, res in (self.results() or {}).items():
+            if isinstance(res, dict) and "AP" in res:
+                logger.info(f"{name}: AP {res['AP']:.1f}, AP50 {res['AP50']:.1f}, AP75 {res['AP75']:.1f}")
+        logger.info("Pictures: " + ", ".join(paths))

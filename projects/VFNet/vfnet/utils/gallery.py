@@ -1,0 +1,71 @@
+"""
+A picture of a model's detections: validation images with their detections drawn by Detectron2's
+`Visualizer`, side by side in one grid image.
+"""
+import math
+from typing import List, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.utils.visualizer import Visualizer
+
+__all__ = ["draw_detections", "tile_images", "write_gallery"]
+
+
+def tile_images(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.ndarray:
+    """
+    Args:
+        images: (H_i, W_i, 3) uint8 images.
+
+    Returns:
+        (H, W, 3) uint8: the images row by row, `columns` per row, each in a cell of the
+        largest height and width, on white, `gap` pixels apart.
+    """
+    rows = math.ceil(len(images) / columns)
+    cell_h = max(im.shape[0] for im in images)
+    cell_w = max(im.shape[1] for im in images)
+    grid = np.full(
+        (rows * cell_h + (rows - 1) * gap, columns * cell_w + (columns - 1) * gap, 3), 255, np.uint8
+    )
+    for i, im in enumerate(images):
+        y, x = (i // columns) * (cell_h + gap), (i % columns) * (cell_w + gap)
+        grid[y : y + im.shape[0], x : x + im.shape[1]] = im
+    return grid
+
+
+def draw_detections(model, mapper, dataset_dicts: List[dict], metadata, score_thresh: float) -> List[np.ndarray]:
+    """
+    The images of `dataset_dicts` (loaded and resized by `mapper`, the test mapper) with the
+    detections of `model` scoring >= `score_thresh`, drawn by Detectron2's Visualizer at the
+    image's original size; RGB uint8 arrays.
+    """
+    loader = build_detection_test_loader(dataset_dicts, mapper=mapper)
+    drawings = []
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for inputs in loader:
+                instances = model(inputs)[0]["instances"].to("cpu")
+                instances = instances[instances.scores >= score_thresh]
+                image = np.asarray(Image.open(inputs[0]["file_name"]).convert("RGB"))
+                drawing = Visualizer(image, metadata).draw_instance_predictions(instances)
+                drawings.append(drawing.get_image())
+    finally:
+        model.train(training)
+    return drawings
+
+
+def write_gallery(model, cfg, mapper, path: str, num_images: int, score_thresh: float, columns: int) -> str:
+    """
+    Write to `path` (PNG) the first `num_images` images of DATASETS.TEST[0] with the detections
+    of `model`; returns `path`.
+    """
+    name = cfg.DATASETS.TEST[0]
+    dataset_dicts = get_detection_dataset_dicts([name], filter_empty=False)[:num_images]
+    drawings = draw_detections(model, mapper, dataset_dicts, MetadataCatalog.get(name), score_thresh)
+    Image.fromarray(tile_images(drawings, columns)).save(path)
+    return path

@@ -1,0 +1,52 @@
+"""The pictures at the end of a run: the grid of images and the detections drawn on them."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
+
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+
+from vfnet.utils.gallery import draw_detections, tile_images  # noqa: E402
+
+
+def test_tile_images_places_each_image_in_its_cell_on_white():
+    a = np.full((2, 3, 3), 10, np.uint8)
+    b = np.full((3, 2, 3), 20, np.uint8)
+    c = np.full((1, 1, 3), 30, np.uint8)
+    grid = tile_images([a, b, c], columns=2, gap=1)
+    # Cells of 3 x 3 (the largest height and width), 2 per row, 1 pixel apart: 2 rows.
+    assert grid.shape == (3 + 1 + 3, 3 + 1 + 3, 3)
+    assert (grid[0:2, 0:3] == 10).all() and (grid[2, 0:3] == 255).all()
+    assert (grid[0:3, 4:6] == 20).all() and (grid[0:3, 6] == 255).all()
+    assert (grid[4, 0] == 30).all() and (grid[4, 1:] == 255).all() and (grid[5:] == 255).all()
+    assert (grid[:, 3] == 255).all() and (grid[3, :] == 255).all()  # the gaps
+
+
+class OneDetectionPerScore(torch.nn.Module):
+    """Predicts a box at (10, 10)-(40, 30) scoring 0.9 and one at (110, 80)-(150, 110) scoring 0.1."""
+
+    def forward(self, inputs):
+        instances = Instances((120, 160))
+        instances.pred_boxes = Boxes(torch.tensor([[10.0, 10, 40, 30], [110, 80, 150, 110]]))
+        instances.scores = torch.tensor([0.9, 0.1])
+        instances.pred_classes = torch.tensor([0, 0])
+        return [{"instances": instances} for _ in inputs]
+
+
+def test_detections_above_the_threshold_are_drawn_on_the_original_image(tmp_path):
+    image = np.full((120, 160, 3), 128, np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    dicts = [{"file_name": str(tmp_path / "a.png"), "image_id": 1, "height": 120, "width": 160}]
+    metadata = MetadataCatalog.get("gallery_test")
+    metadata.thing_classes = ["thing"]
+    model = OneDetectionPerScore().train()
+    (drawing,) = draw_detections(model, lambda d: d, dicts, metadata, score_thresh=0.3)
+    assert model.training  # given back in its mode
+    assert drawing.shape == (120, 160, 3) and drawing.dtype == np.uint8
+    changed = (drawing.astype(int) - image).any(axis=2)
+    # The 0.9 box's outline is drawn; the 0.1 box is not (nothing inside its region changes).
+    assert changed[10:31, 10].mean() > 0.8 and changed[10, 10:41].mean() > 0.8
+    assert not changed[78:113, 108:153].any()
