@@ -12,6 +12,8 @@ from PIL import Image
 from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.utils.visualizer import Visualizer
 
+from ..data.mapper import read_image
+
 __all__ = ["draw_detections", "tile_images", "write_dataset_gallery", "write_gallery"]
 
 
@@ -51,7 +53,11 @@ def draw_detections(model, mapper, dataset_dicts: List[dict], metadata, score_th
             for inputs in loader:
                 instances = model(inputs)[0]["instances"].to("cpu")
                 instances = instances[instances.scores >= score_thresh]
-                image = np.asarray(Image.open(inputs[0]["file_name"]).convert("RGB"))
+                # As the mapper reads it: EXIF orientation, 16-bit, truncated files.
+                image = read_image(
+                    inputs[0]["file_name"], format="RGB",
+                    load_truncated=getattr(mapper, "load_truncated_images", False),
+                )  # fmt: skip
                 drawing = Visualizer(image, metadata).draw_instance_predictions(instances)
                 drawings.append(drawing.get_image())
     finally:
