@@ -106,11 +106,14 @@ class VFNetCheckpointer(DetectionCheckpointer):
         return incompatible
 
 
-def load_for_evaluation(model, weights: str, save_dir: str, resume: bool = False) -> None:
+def load_for_evaluation(
+    model, weights: str, save_dir: str, resume: bool = False, weights_key: str = "MODEL.WEIGHTS"
+) -> None:
     """
     Load the weights to evaluate into `model`: with `resume`, the last checkpoint of `save_dir`
-    if there is one, else `weights` (MODEL.WEIGHTS). Refuse, rather than evaluate an untrained
-    model, when there are none, or when they do not fit the model.
+    if there is one, else `weights` (MODEL.WEIGHTS, or the config key `weights_key`: a lazy
+    config's train.init_checkpoint). Refuse, rather than evaluate an untrained model, when there
+    are none, or when they do not fit the model.
     """
     checkpointer = VFNetCheckpointer(model, save_dir, strict=True)
     path = (
@@ -118,8 +121,8 @@ def load_for_evaluation(model, weights: str, save_dir: str, resume: bool = False
     )
     if not path:
         raise CheckpointError(
-            "No weights to evaluate: MODEL.WEIGHTS is empty"
+            f"No weights to evaluate: {weights_key} is empty"
             + (f" and OUTPUT_DIR '{save_dir}' has no last_checkpoint" if resume else "")
-            + ". Set MODEL.WEIGHTS to a trained checkpoint, e.g. OUTPUT_DIR/model_final.pth."
+            + f". Set {weights_key} to a trained checkpoint, e.g. OUTPUT_DIR/model_final.pth."
         )
     checkpointer.load(path, checkpointables=[])

@@ -3,12 +3,13 @@ The training data loader of the project's trainer: Detectron2's datasets, sample
 with batches that a resumed run reads again exactly (see samplers.py).
 """
 import random
-from typing import Callable, List, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from detectron2.config import configurable
 from detectron2.data import DatasetFromList, get_detection_dataset_dicts
 from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.data.samplers import (
@@ -80,39 +81,76 @@ def _index_sampler(cfg, dataset_dicts: List[dict]) -> Callable[[int], TrainingSa
     )
 
 
-def build_resumable_train_loader(cfg, mapper: Callable[[dict], dict]) -> DataLoader:
-    """
-    Detectron2's `build_detection_train_loader(cfg, mapper)` (same datasets, filtering,
-    sampler, batch size per worker and aspect-ratio grouping), whose batches are those of a
-    :class:`ResumableBatchSampler`: the same for any DATALOADER.NUM_WORKERS, and continued
-    exactly after a resume from `loader.batch_sampler.start_iter` with the seed of
-    `loader.batch_sampler.state_dict()`. The data seed is cfg.SEED, or a random one shared by
-    the DDP workers when it is negative.
-    """
+def _train_loader_from_config(cfg, mapper: Callable[[dict], dict]) -> dict:
     dataset_dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     )
+    return {
+        "dataset": dataset_dicts,
+        "mapper": mapper,
+        "total_batch_size": cfg.SOLVER.IMS_PER_BATCH,
+        "seed": cfg.SEED,
+        "aspect_ratio_grouping": cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        "num_workers": cfg.DATALOADER.NUM_WORKERS,
+        "index_sampler": _index_sampler(cfg, dataset_dicts),
+    }
+
+
+@configurable(from_config=_train_loader_from_config)
+def build_resumable_train_loader(
+    dataset: List[dict],
+    *,
+    mapper: Callable[[dict], dict],
+    total_batch_size: int,
+    seed: int = -1,
+    aspect_ratio_grouping: bool = True,
+    num_workers: int = 0,
+    index_sampler: Optional[Callable[[int], Iterable[int]]] = None,
+) -> DataLoader:
+    """
+    Detectron2's `build_detection_train_loader` (same datasets, filtering, sampler, batch size
+    per worker and aspect-ratio grouping), whose batches are those of a
+    :class:`ResumableBatchSampler`: the same for any number of data-loading workers, and
+    continued exactly after a resume from `loader.batch_sampler.start_iter` with the seed of
+    `loader.batch_sampler.state_dict()`.
+
+    As Detectron2's, it is called with a config, ``build_resumable_train_loader(cfg, mapper)``
+    (DATASETS.TRAIN, DATALOADER.*, SOLVER.IMS_PER_BATCH, SEED), or with explicit arguments, as
+    a LazyConfig's ``dataloader.train`` calls it (configs/lazy/).
+
+    Args:
+        dataset: the dataset dicts (Detectron2's `get_detection_dataset_dicts`).
+        mapper: dataset dict -> model input (a :class:`VFNetDatasetMapper`).
+        total_batch_size: images per iteration over all DDP workers.
+        seed: the data seed (index order and augmentations); negative: a random one shared by
+            the DDP workers.
+        aspect_ratio_grouping: batches of images that are all wider than high, or not.
+        num_workers: data-loading processes of each DDP worker.
+        index_sampler: seed -> this worker's infinite stream of dataset indices; None:
+            Detectron2's `TrainingSampler` (DATALOADER.SAMPLER_TRAIN picks it from a config).
+    """
     world_size = comm.get_world_size()
-    total = cfg.SOLVER.IMS_PER_BATCH
-    if total % world_size:
+    if total_batch_size % world_size:
         raise ValueError(
-            f"SOLVER.IMS_PER_BATCH ({total}) must be divisible by the number of workers "
-            f"({world_size})."
+            f"The total batch size (SOLVER.IMS_PER_BATCH, dataloader.train.total_batch_size: "
+            f"{total_batch_size}) must be divisible by the number of workers ({world_size})."
         )
+    if index_sampler is None:
+        index_sampler = lambda seed: TrainingSampler(len(dataset), seed=seed)  # noqa: E731
     groups = None
-    if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
-        groups = [0 if d["width"] > d["height"] else 1 for d in dataset_dicts]
+    if aspect_ratio_grouping:
+        groups = [0 if d["width"] > d["height"] else 1 for d in dataset]
     batch_sampler = ResumableBatchSampler(
-        _index_sampler(cfg, dataset_dicts),
-        seed=cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed(),
-        batch_size=total // world_size,
+        index_sampler,
+        seed=seed if seed >= 0 else comm.shared_random_seed(),
+        batch_size=total_batch_size // world_size,
         groups=groups,
         rank=comm.get_rank(),
     )
     return DataLoader(
-        SeededMapDataset(dataset_dicts, mapper),
+        SeededMapDataset(dataset, mapper),
         batch_sampler=batch_sampler,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        num_workers=num_workers,
         collate_fn=trivial_batch_collator,
         worker_init_fn=worker_init_reset_seed,
     )

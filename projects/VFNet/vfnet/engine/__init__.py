@@ -1,2 +1,13 @@
-"""The training loop: Detectron2's DefaultTrainer for VFNet, and what tools/train_net.py runs."""
-from .defaults import Trainer, check_datasets, default_argument_parser, main, merge_config, setup
+"""
+The training loops: Detectron2's DefaultTrainer for VFNet and what tools/train_net.py runs
+(defaults.py), and Detectron2's LazyConfig loop, what tools/lazyconfig_train_net.py runs (lazy.py).
+"""
+from .defaults import (
+    Trainer,
+    check_datasets,
+    default_argument_parser,
+    main,
+    merge_config,
+    register_datasets,
+    setup,
+)

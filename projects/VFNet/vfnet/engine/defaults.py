@@ -34,6 +34,7 @@ __all__ = [
     "default_argument_parser",
     "main",
     "merge_config",
+    "register_datasets",
     "setup",
 ]
 
@@ -307,6 +308,31 @@ def setup(args):
     return cfg
 
 
+def register_datasets(
+    specs, load_truncated_images: bool = False, drop_unreadable_images: bool = False
+) -> None:
+    """
+    Register the `--dataset NAME=JSON:IMAGE_DIR` datasets `specs` (see
+    :func:`vfnet.data.datasets.register_coco_dataset`), in every worker process (launch() starts
+    them fresh); the image files are checked once, by the main process. With
+    `drop_unreadable_images` under DDP, the other workers drop the images the main process
+    dropped.
+    """
+    main_process, drop = comm.is_main_process(), drop_unreadable_images
+    options = dict(load_truncated_images=load_truncated_images, drop_unreadable_images=drop)
+    for spec in specs:
+        if not (drop and comm.get_world_size() > 1):
+            register_coco_dataset(spec, check_files=main_process, **options)
+            continue
+        dropped = None
+        if main_process:
+            name = register_coco_dataset(spec, check_files=True, **options)
+            dropped = MetadataCatalog.get(name).dropped_image_ids
+        dropped = comm.all_gather(dropped)[0]
+        if not main_process:
+            register_coco_dataset(spec, check_files=False, drop_image_ids=dropped, **options)
+
+
 def main(args):
     """
     What tools/train_net.py runs in each worker: register the `--dataset`s, then train (resuming
@@ -323,24 +349,11 @@ def main(args):
         args = copy.copy(args)
         args.opts = list(args.opts) + extra_opts
     cfg = setup(args)
-    # Registered in every worker process (launch() starts them fresh); the image files are
-    # checked once.
-    main_process, drop = comm.is_main_process(), cfg.DATASETS.DROP_UNREADABLE_IMAGES
-    for spec in args.dataset:
-        options = dict(
-            load_truncated_images=cfg.DATASETS.LOAD_TRUNCATED_IMAGES, drop_unreadable_images=drop
-        )
-        if not (drop and comm.get_world_size() > 1):
-            register_coco_dataset(spec, check_files=main_process, **options)
-            continue
-        # The main process checks the files; the other workers drop the images it dropped.
-        dropped = None
-        if main_process:
-            name = register_coco_dataset(spec, check_files=True, **options)
-            dropped = MetadataCatalog.get(name).dropped_image_ids
-        dropped = comm.all_gather(dropped)[0]
-        if not main_process:
-            register_coco_dataset(spec, check_files=False, drop_image_ids=dropped, **options)
+    register_datasets(
+        args.dataset,
+        load_truncated_images=cfg.DATASETS.LOAD_TRUNCATED_IMAGES,
+        drop_unreadable_images=cfg.DATASETS.DROP_UNREADABLE_IMAGES,
+    )
 
     if args.eval_only:
         model = Trainer.build_model(cfg)

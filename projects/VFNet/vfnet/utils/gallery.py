@@ -12,7 +12,9 @@ from PIL import Image
 from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.utils.visualizer import Visualizer
 
-__all__ = ["draw_detections", "tile_images", "write_gallery"]
+from ..data.mapper import read_image
+
+__all__ = ["draw_detections", "tile_images", "write_dataset_gallery", "write_gallery"]
 
 
 def tile_images(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.ndarray:
@@ -51,7 +53,11 @@ def draw_detections(model, mapper, dataset_dicts: List[dict], metadata, score_th
             for inputs in loader:
                 instances = model(inputs)[0]["instances"].to("cpu")
                 instances = instances[instances.scores >= score_thresh]
-                image = np.asarray(Image.open(inputs[0]["file_name"]).convert("RGB"))
+                # As the mapper reads it: EXIF orientation, 16-bit, truncated files.
+                image = read_image(
+                    inputs[0]["file_name"], format="RGB",
+                    load_truncated=getattr(mapper, "load_truncated_images", False),
+                )  # fmt: skip
                 drawing = Visualizer(image, metadata).draw_instance_predictions(instances)
                 drawings.append(drawing.get_image())
     finally:
@@ -64,8 +70,17 @@ def write_gallery(model, cfg, mapper, path: str, num_images: int, score_thresh: 
     Write to `path` (PNG) the first `num_images` images of DATASETS.TEST[0] with the detections
     of `model`; returns `path`.
     """
-    name = cfg.DATASETS.TEST[0]
-    dataset_dicts = get_detection_dataset_dicts([name], filter_empty=False)[:num_images]
-    drawings = draw_detections(model, mapper, dataset_dicts, MetadataCatalog.get(name), score_thresh)
+    return write_dataset_gallery(model, cfg.DATASETS.TEST[0], mapper, path, num_images, score_thresh, columns)
+
+
+def write_dataset_gallery(
+    model, dataset_name: str, mapper, path: str, num_images: int, score_thresh: float, columns: int
+) -> str:
+    """
+    Write to `path` (PNG) the first `num_images` images of the registered dataset `dataset_name`
+    with the detections of `model`; returns `path`.
+    """
+    dataset_dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)[:num_images]
+    drawings = draw_detections(model, mapper, dataset_dicts, MetadataCatalog.get(dataset_name), score_thresh)
     Image.fromarray(tile_images(drawings, columns)).save(path)
     return path

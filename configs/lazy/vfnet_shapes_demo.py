@@ -1,0 +1,55 @@
+"""
+The embedded demo as a LazyConfig: configs/VFNet_Shapes_Demo.yaml (VFNet with a ResNet-18-FPN of
+64 channels trained from scratch on the synthetic shapes dataset, on CPU), on
+vfnet_R_50_FPN_1x.py as the YAML is on Base-VFNet.yaml:
+
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/vfnet_shapes_demo.py
+"""
+from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone import ResNet
+
+from .vfnet_R_50_FPN_1x import STRIDES, dataloader, lr_multiplier, model, optimizer, train
+
+# ResNet-18 with trainable BatchNorm, nothing frozen (MODEL.RESNETS.DEPTH 18, NORM "BN",
+# BACKBONE.FREEZE_AT 0), FPN and head of 64 channels, 4 classes.
+bottom_up = model.backbone.bottom_up
+bottom_up.stem.norm = "BN"
+bottom_up.stages = L(ResNet.make_default_stages)(depth=18, norm="BN")
+bottom_up.freeze_at = 0
+model.backbone.out_channels = 64
+model.head.input_shape = [ShapeSpec(channels=64, stride=s) for s in STRIDES]
+model.num_classes = 4
+model.pixel_mean = [127.5, 127.5, 127.5]
+model.pixel_std = [64.0, 64.0, 64.0]
+
+# The shapes dataset (generated on first use under $DETECTRON2_DATASETS/vfnet_shapes) at the
+# images' own scale: 128-192 px images, short side 96-128 in training.
+dataloader.train.dataset.names = "vfnet_shapes_train"
+dataloader.train.mapper.augmentations[0].short_edge_length = (96, 112, 128)
+dataloader.train.mapper.augmentations[0].max_size = 192
+dataloader.train.total_batch_size = 8
+dataloader.train.num_workers = 1
+dataloader.test.dataset.names = "vfnet_shapes_val"
+dataloader.test.mapper.augmentations[0].short_edge_length = 112
+dataloader.test.mapper.augmentations[0].max_size = 168
+dataloader.test.num_workers = 1
+
+optimizer.lr = 0.03
+
+# 900 iterations: warm-up over 100, lr x0.1 at 720 and 855.
+lr_multiplier.scheduler.milestones = [720, 855]
+lr_multiplier.scheduler.num_updates = 900
+lr_multiplier.warmup_length = 100 / 900
+
+train.output_dir = "output/vfnet_shapes_demo"
+train.init_checkpoint = ""
+train.max_iter = 900
+train.checkpointer.period = 450
+train.device = "cpu"
+# A fixed seed (initialisation, data order, augmentation): from-scratch runs of this short
+# schedule vary by several AP points from seed to seed.
+train.seed = 0
+# At the end, OUTPUT_DIR/detections.png (16 validation images with their detections) and the
+# training curves (TEST.GALLERY.*).
+train.gallery = dict(num_images=16, score_thresh=0.3, columns=4)
