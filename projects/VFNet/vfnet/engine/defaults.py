@@ -129,7 +129,10 @@ class Trainer(DefaultTrainer):
                         model, self.cfg, mapper, os.path.join(self.cfg.OUTPUT_DIR, "detections.png"),
                         gallery.NUM_IMAGES, gallery.SCORE_THRESH, gallery.COLUMNS,
                     ),
-                    lambda: getattr(self, "_last_eval_results", None),
+                    lambda: OrderedDict(
+                        getattr(self, "_last_eval_results", None) or {},
+                        **getattr(self, "_last_swa_results", {}),
+                    ),
                 )
             )  # fmt: skip
         return ret
