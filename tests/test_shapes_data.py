@@ -222,3 +222,17 @@ def test_splits_differ(tmp_path):
     b = _png_pixels(tmp_path / "val" / "000000.png")
     assert a.shape != b.shape or (a != b).any()
     assert train != val
+
+
+def test_backgrounds_are_drawn_only_of_the_kinds_asked_for():
+    from vfnet.data.shapes import draw_scene, scene_rng
+
+    def roughness(kind, index):
+        image, masks, _ = draw_scene(scene_rng(5, kind, index), 64, 64, empty_prob=1.0, backgrounds=(kind,))
+        assert masks == []
+        return np.abs(np.diff(image.astype(float), axis=1)).mean()
+
+    # A gradient changes by well under a level per pixel, plus a jitter of amplitude <= 6
+    # (mean |difference| <= 4); noise backgrounds add an amplitude of 10-40 (>= 6.7).
+    assert max(roughness("gradient", i) for i in range(20)) < 4.5
+    assert min(roughness("noise", i) for i in range(20)) > 6
