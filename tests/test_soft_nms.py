@@ -413,3 +413,32 @@ def test_benchmark_tool_runs(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert out.startswith("CPU: ") and "| 1000 | " in out
+
+
+def test_vfnet_with_soft_nms_keeps_the_top_of_batched_soft_nms_of_its_candidates():
+    """MODEL.VFNET.TEST_NMS_TYPE soft_nms: the detections are batched_soft_nms of the candidates."""
+    pytest.importorskip("detectron2")
+    from detectron2.modeling import build_model
+
+    from helpers import small_cfg
+
+    cfg = small_cfg("MODEL.VFNET.TEST_NMS_TYPE", "soft_nms", "MODEL.VFNET.TEST_NMS_THRESH", "0.65")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    torch.nn.init.zeros_(model.head.cls_score.bias)  # scores near 0.5: many candidates
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)
+    inputs = [{"image": image, "height": 96, "width": 128}]
+    with torch.no_grad():
+        (candidates,) = model.inference_candidates(inputs)
+        (detections,) = [out["instances"] for out in model(inputs)]
+    assert len(candidates) > 300 and len(detections) == 100
+    boxes, scores, classes = candidates.pred_boxes.tensor, candidates.scores, candidates.pred_classes
+    keep, decayed = batched_soft_nms(boxes, scores, classes, 0.65, sigma=0.5, min_score=1e-3)
+    assert torch.equal(detections.pred_boxes.tensor, boxes[keep[:100]])
+    assert torch.equal(detections.scores, decayed[:100])
+    assert torch.equal(detections.pred_classes, classes[keep[:100]])
+    assert (detections.scores < scores[keep[:100]]).any()  # decayed, not the raw scores
+
+    cfg.MODEL.VFNET.TEST_NMS_TYPE = "softnms"
+    with pytest.raises(ValueError, match='TEST_NMS_TYPE is "softnms"'):
+        build_model(cfg)

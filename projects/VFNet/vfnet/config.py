@@ -106,4 +106,8 @@ def add_vfnet_config(cfg):
     v.TEST_SCORE_THRESH = 0.05
     v.TEST_TOPK_CANDIDATES = 1000
     v.TEST_NMS_THRESH = 0.6
+    # "nms": Detectron2's batched_nms; "soft_nms": class-wise soft-NMS as MMCV's (VFNet-X's,
+    # vfnet/layers/soft_nms.py) at IoU TEST_NMS_THRESH, with these arguments (MMCV's defaults).
+    v.TEST_NMS_TYPE = "nms"
+    v.SOFT_NMS = CN({"METHOD": "linear", "SIGMA": 0.5, "MIN_SCORE": 0.001})
     v.TEST_DETECTIONS_PER_IMAGE = 100

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.data.transforms import ResizeTransform, TransformList
-from detectron2.layers import batched_nms, cat
+from detectron2.layers import cat
 from detectron2.modeling import DatasetMapperTTA
 from detectron2.structures import Boxes, Instances
 
@@ -194,8 +194,7 @@ class VFNetWithTTA(nn.Module):
         boxes.clip(image_size)
         keep = boxes.nonempty()
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
-        keep = batched_nms(boxes.tensor, scores, classes, self.model.test_nms_thresh)
-        keep = keep[: self.model.max_detections_per_image]
+        keep, kept_scores = self.model.class_wise_nms(boxes.tensor, scores, classes)
         return Instances(
-            image_size, pred_boxes=boxes[keep], scores=scores[keep], pred_classes=classes[keep]
+            image_size, pred_boxes=boxes[keep], scores=kept_scores, pred_classes=classes[keep]
         )

@@ -4,7 +4,7 @@ Detectron2 dense detector.
 """
 import logging
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from fvcore.nn import sigmoid_focal_loss_jit
@@ -21,6 +21,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ...layers.soft_nms import batched_soft_nms
 from ..atss import ATSSMatcher
 from ..box_coding import distances_to_boxes
 from ..losses import iou_weighted_giou_loss, varifocal_loss
@@ -162,6 +163,16 @@ def _raise_non_finite(
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 
 
+def test_soft_nms(cfg) -> Optional[Dict[str, Any]]:
+    """The arguments of `batched_soft_nms` of MODEL.VFNET.TEST_NMS_TYPE "soft_nms", else None."""
+    v = cfg.MODEL.VFNET
+    if v.TEST_NMS_TYPE == "nms":
+        return None
+    if v.TEST_NMS_TYPE != "soft_nms":
+        raise ValueError(f'MODEL.VFNET.TEST_NMS_TYPE is "{v.TEST_NMS_TYPE}": use "nms" or "soft_nms".')
+    return {"method": v.SOFT_NMS.METHOD, "sigma": v.SOFT_NMS.SIGMA, "min_score": v.SOFT_NMS.MIN_SCORE}
+
+
 def test_autocast_dtype(cfg) -> Optional[torch.dtype]:
     """The dtype of TEST.AMP (inference under autocast), or None when it is off."""
     if not cfg.TEST.AMP.ENABLED:
@@ -201,6 +212,7 @@ class VFNet(DenseDetector):
         test_score_thresh: float = 0.05,
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.6,
+        test_soft_nms: Optional[Dict[str, Any]] = None,
         max_detections_per_image: int = 100,
         test_autocast_dtype: Optional[torch.dtype] = None,
         pixel_mean,
@@ -222,6 +234,9 @@ class VFNet(DenseDetector):
             test_score_thresh, test_topk_candidates: per level, keep the (location, class)
                 scores above the threshold, at most the top k of them.
             test_nms_thresh: IoU threshold of the class-wise NMS.
+            test_soft_nms: None: the NMS is Detectron2's `batched_nms`; else it is
+                :func:`batched_soft_nms` with these arguments (method, sigma, min_score), which
+                also decays the scores (VFNet-X's soft-NMS).
             max_detections_per_image: detections kept per image after NMS.
             test_autocast_dtype: run the backbone and the head of inference under autocast to
                 this dtype (bfloat16 on CPU, float16 or bfloat16 on CUDA); the
@@ -248,6 +263,7 @@ class VFNet(DenseDetector):
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
+        self.test_soft_nms = test_soft_nms
         self.max_detections_per_image = max_detections_per_image
         self.test_autocast_dtype = test_autocast_dtype
 
@@ -287,6 +303,7 @@ class VFNet(DenseDetector):
             "test_score_thresh": v.TEST_SCORE_THRESH,
             "test_topk_candidates": v.TEST_TOPK_CANDIDATES,
             "test_nms_thresh": v.TEST_NMS_THRESH,
+            "test_soft_nms": test_soft_nms(cfg),
             "max_detections_per_image": v.TEST_DETECTIONS_PER_IMAGE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -490,7 +507,27 @@ class VFNet(DenseDetector):
         pred = pred[pred.pred_boxes.nonempty()]
         if not nms:
             return pred
-        keep = batched_nms(
-            pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh
+        keep, scores = self.class_wise_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes)
+        pred = pred[keep]
+        pred.scores = scores
+        return pred
+
+    def class_wise_nms(self, boxes: Tensor, scores: Tensor, classes: Tensor) -> Tuple[Tensor, Tensor]:
+        """
+        The class-wise NMS of inference (soft-NMS with `test_soft_nms`) and the top
+        `max_detections_per_image`.
+
+        Args:
+            boxes: (R, 4) XYXY; scores, classes: (R,).
+
+        Returns:
+            the indices kept, by decreasing score, and their scores (decayed by soft-NMS).
+        """
+        k = self.max_detections_per_image
+        if self.test_soft_nms is None:
+            keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)[:k]
+            return keep, scores[keep]
+        keep, kept_scores = batched_soft_nms(
+            boxes, scores, classes, self.test_nms_thresh, max_num=k, **self.test_soft_nms
         )
-        return pred[keep[: self.max_detections_per_image]]
+        return keep, kept_scores.to(scores.dtype)
