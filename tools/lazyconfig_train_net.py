@@ -12,22 +12,12 @@ tools/lazyconfig_train_net.py does (see vfnet/engine/lazy.py for what this proje
         --dataset mine_val=val.json:images/ dataloader.train.dataset.names=mine_train \
         dataloader.test.dataset.names=mine_val model.num_classes=3
 """
-from detectron2.engine import launch
-
-from vfnet.engine import default_argument_parser
+from vfnet.engine import launch_main
 from vfnet.engine.lazy import main
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_main(main)
 
 
 if __name__ == "__main__":

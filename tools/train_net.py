@@ -11,21 +11,11 @@ Train and evaluate VarifocalNet with Detectron2's DefaultTrainer.
         --dataset mine_val=val.json:images/ DATASETS.TRAIN "('mine_train',)" \
         DATASETS.TEST "('mine_val',)" MODEL.VFNET.NUM_CLASSES 3
 """
-from detectron2.engine import launch
-
-from vfnet.engine import default_argument_parser, main
+from vfnet.engine import launch_main, main
 
 
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_main(main)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from .defaults import (
     Trainer,
     check_datasets,
     default_argument_parser,
+    launch_main,
     main,
     merge_config,
     register_datasets,

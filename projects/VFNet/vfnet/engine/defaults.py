@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.engine import DefaultTrainer, default_setup, hooks, launch
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -32,6 +32,7 @@ __all__ = [
     "Trainer",
     "check_datasets",
     "default_argument_parser",
+    "launch_main",
     "main",
     "merge_config",
     "register_datasets",
@@ -237,6 +238,20 @@ class Trainer(DefaultTrainer):
         loader_cfg.freeze()
         res = cls.test(loader_cfg, model, evaluators)
         return OrderedDict((k + "_TTA", v) for k, v in res.items())
+
+
+def launch_main(main_func) -> None:
+    """Parse the command line (:func:`default_argument_parser`) and `launch` `main_func(args)`
+    on its workers, as Detectron2's tools do."""
+    args = default_argument_parser().parse_args()
+    launch(
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
 
 
 def default_argument_parser(epilog=None):
