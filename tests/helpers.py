@@ -44,3 +44,26 @@ def small_cfg(*opts):
     cfg.merge_from_file(BASE_CONFIG)
     cfg.merge_from_list(SMALL + list(opts))
     return cfg
+
+
+DETERMINISTIC_TRAIN_NET = os.path.join(ROOT, "tests", "scripts", "deterministic_train_net.py")
+
+
+def start_deterministic(log_path, kill, train_net_args):
+    """
+    Start tests/scripts/deterministic_train_net.py (tools/train_net.py under bitwise-reproducible
+    settings, one thread) in the background with `kill` (its --kill-* options) and
+    `train_net_args`, its output appended to `log_path`.
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, DETERMINISTIC_TRAIN_NET, *kill, "--", *train_net_args]
+    log = open(log_path, "a")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def finish(proc, log_path, returncode=0):
+    """Wait for a run of :func:`start_deterministic`; assert its exit status (showing its log)."""
+    assert proc.wait(timeout=600) == returncode, open(log_path).read()[-6000:]

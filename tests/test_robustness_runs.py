@@ -35,7 +35,8 @@ from vfnet.evaluation import VFNetCOCOEvaluator  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import RACCOON_IMAGES, TINY  # noqa: E402
+from helpers import RACCOON_IMAGES, TINY, start_deterministic  # noqa: E402
+from helpers import finish as finish_run  # noqa: E402
 
 
 def train_net_cmd(output_dir, *args):
@@ -375,7 +376,6 @@ def metrics(output_dir):
         return [json.loads(line) for line in f]
 
 
-DETERMINISTIC_TRAIN_NET = os.path.join(ROOT, "tests", "scripts", "deterministic_train_net.py")
 
 
 def checkpoint_state(path):
@@ -421,17 +421,13 @@ def test_a_run_killed_with_sigkill_resumes_exactly_with_0_and_2_data_workers(tmp
             "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2", "INPUT.RANDOM_FLIP", "horizontal",
             "INPUT.MIN_SIZE_TRAIN", "(48, 64, 80)", "INPUT.MAX_SIZE_TRAIN", "128",
             "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.MAX_ITER", "10"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
     def start(output_dir, workers, kill=(), resume=()):
-        cmd = [sys.executable, DETERMINISTIC_TRAIN_NET, *kill, "--",
-               *train_net_cmd(output_dir, *resume, "--dataset", many_images)[2:],
-               *opts, "DATALOADER.NUM_WORKERS", str(workers)]  # fmt: skip
-        log = open(f"{output_dir}.log", "a")
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        args = [*train_net_cmd(output_dir, *resume, "--dataset", many_images)[2:],
+                *opts, "DATALOADER.NUM_WORKERS", str(workers)]  # fmt: skip
+        return start_deterministic(f"{output_dir}.log", kill, args)
 
     def finish(proc, output_dir, returncode=0):
-        assert proc.wait(timeout=600) == returncode, open(f"{output_dir}.log").read()[-6000:]
+        finish_run(proc, f"{output_dir}.log", returncode)
 
     straight = {0: tmp_path / "straight0", 2: tmp_path / "straight2"}
     killed = {  # output dir: (data workers, how it is killed)

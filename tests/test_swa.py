@@ -24,9 +24,9 @@ from detectron2.solver import build_lr_scheduler as detectron2_lr_scheduler  # n
 import vfnet  # noqa: E402
 from vfnet.solver import build_lr_scheduler  # noqa: E402
 
-from helpers import ROOT, TINY  # noqa: E402
+from helpers import ROOT, TINY, start_deterministic  # noqa: E402
+from helpers import finish as finish_run  # noqa: E402
 
-DETERMINISTIC_TRAIN_NET = os.path.join(ROOT, "tests", "scripts", "deterministic_train_net.py")
 
 
 def official_cyclic_lr(base_lr, iteration, epoch_iters, target_ratio=(1.0, 0.01)):
@@ -197,19 +197,14 @@ def by_image_and_class(detections):
     return {k: sorted(v) for k, v in groups.items()}
 
 
-ENV_ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
-def start_deterministic(output_dir, swa_data, kill=(), resume=()):
-    """tools/train_net.py under bitwise-reproducible settings (tests/scripts), in the background."""
-    cmd = [sys.executable, DETERMINISTIC_TRAIN_NET, *kill, "--",
-           *train_net(output_dir, *resume, "--dataset", swa_data["train"], "DATASETS.TEST", "()")]  # fmt: skip
-    log = open(f"{output_dir}.log", "a")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV_ONE_THREAD)
+def start(output_dir, swa_data, kill=(), resume=()):
+    """A deterministic tools/train_net.py run of SWA_OPTS on swa_data's training set."""
+    args = train_net(output_dir, *resume, "--dataset", swa_data["train"], "DATASETS.TEST", "()")
+    return start_deterministic(f"{output_dir}.log", kill, args)
 
 
 def finish(proc, output_dir, returncode=0):
-    assert proc.wait(timeout=600) == returncode, open(f"{output_dir}.log").read()[-6000:]
+    finish_run(proc, f"{output_dir}.log", returncode)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +212,7 @@ def uninterrupted(tmp_path_factory, swa_data):
     """Two uninterrupted single-process runs (their output directories)."""
     root = tmp_path_factory.mktemp("swa_runs")
     runs = [root / "straight", root / "again"]
-    procs = [start_deterministic(d, swa_data) for d in runs]  # two processes at a time
+    procs = [start(d, swa_data) for d in runs]  # two processes at a time
     for proc, d in zip(procs, runs):
         finish(proc, d)
     return runs
@@ -228,10 +223,10 @@ def test_a_run_killed_within_swa_resumes_to_the_same_average(tmp_path, swa_data,
     killed = tmp_path / "killed"
     # Killed after iteration 6: after the first average (iteration 5, checkpointed), before
     # the second.
-    finish(start_deterministic(killed, swa_data, kill=("--kill-after-iter", "6")), killed, -9)
+    finish(start(killed, swa_data, kill=("--kill-after-iter", "6")), killed, -9)
     assert (killed / "last_checkpoint").read_text() == "model_0000005.pth"
     assert torch.load(killed / "model_swa.pth", weights_only=False)["swa_n_averaged"] == 1
-    finish(start_deterministic(killed, swa_data, resume=("--resume",)), killed)
+    finish(start(killed, swa_data, resume=("--resume",)), killed)
     assert "Starting training from iteration 6" in open(f"{killed}.log").read()
 
     reference = torch.load(straight / "model_swa.pth", weights_only=False)
