@@ -50,3 +50,34 @@ def test_detections_above_the_threshold_are_drawn_on_the_original_image(tmp_path
     # The 0.9 box's outline is drawn; the 0.1 box is not (nothing inside its region changes).
     assert changed[10:31, 10].mean() > 0.8 and changed[10, 10:41].mean() > 0.8
     assert not changed[78:113, 108:153].any()
+
+
+def test_the_pictures_are_made_when_training_completes_and_not_after_a_failure(tmp_path, caplog):
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from vfnet.engine.hooks import Pictures
+
+    with open(tmp_path / "metrics.json", "w") as f:
+        for it in range(3):
+            f.write(json.dumps({"iteration": it, "total_loss": 1.0 / (it + 1), "lr": 0.01}) + "\n")
+    drawn = []
+
+    def write_gallery(model):
+        drawn.append(model)
+        return str(tmp_path / "detections.png")
+
+    results = {"bbox": {"AP": 12.345, "AP50": 30.0, "AP75": 10.0}}
+    hook = Pictures(str(tmp_path), write_gallery, lambda: results)
+    model = torch.nn.Linear(1, 1)
+    # Detectron2's trainer after an exception at iteration 1 of 3: iter 1; completed: iter 3.
+    hook.trainer = SimpleNamespace(iter=1, max_iter=3, model=model)
+    hook.after_train()
+    assert drawn == [] and not (tmp_path / "losses.png").exists()
+    hook.trainer.iter = 3
+    with caplog.at_level(logging.INFO, logger="vfnet.engine.hooks"):
+        hook.after_train()
+    assert drawn == [model] and (tmp_path / "losses.png").exists()
+    assert "bbox: AP 12.3, AP50 30.0, AP75 10.0" in caplog.text
+    assert f"Pictures: {tmp_path / 'detections.png'}, " in caplog.text

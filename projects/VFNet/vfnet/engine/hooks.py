@@ -164,7 +164,7 @@ class StochasticWeightAveraging(HookBase):
 
 class Pictures(HookBase):
     """
-    At the end of training (main process): `write_gallery(model)`, a picture of the model's
+    At the end of a completed training (main process): `write_gallery(model)`, a picture of the model's
     detections on validation images, and the training curves of OUTPUT_DIR/metrics.json
     (vfnet/utils/plot_metrics.py) into `output_dir`; then log the last evaluation's box AP and
     the pictures' paths, as the run's last lines. Registered after the writers, which complete
@@ -177,7 +177,9 @@ class Pictures(HookBase):
         self.results = results
 
     def after_train(self):
-        if not comm.is_main_process():
+        # Detectron2's trainer ends with iter == max_iter only when training completed; after an
+        # exception (a non-finite loss, ...) there is no model to show.
+        if not comm.is_main_process() or self.trainer.iter < self.trainer.max_iter:
             return
         from ..utils.plot_metrics import plot_metrics
 
