@@ -76,8 +76,15 @@ def test_the_pictures_are_made_when_training_completes_and_not_after_a_failure(t
     hook.after_train()
     assert drawn == [] and not (tmp_path / "losses.png").exists()
     hook.trainer.iter = 3
-    with caplog.at_level(logging.INFO, logger="vfnet.engine.hooks"):
-        hook.after_train()
+    # The hook's logger, directly: Detectron2's setup_logger (earlier tests) stops "vfnet" from
+    # propagating to the root logger that caplog listens to.
+    hook_logger = logging.getLogger("vfnet.engine.hooks")
+    hook_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="vfnet.engine.hooks"):
+            hook.after_train()
+    finally:
+        hook_logger.removeHandler(caplog.handler)
     assert drawn == [model] and (tmp_path / "losses.png").exists()
     assert "bbox: AP 12.3, AP50 30.0, AP75 10.0" in caplog.text
     assert f"Pictures: {tmp_path / 'detections.png'}, " in caplog.text
