@@ -91,7 +91,10 @@ def test_detections_on_a_real_image(report):
         assert report.facts[f"detections {tag} same classes"], tag
     for _, name, abs_, rel in _rows(report, "detections"):
         if name.startswith("boxes"):
-            assert abs_ <= 1e-3, f"{name}: {abs_}"
+            # Relative to the largest coordinate (hundreds of pixels): float32 rounding of the two
+            # networks reaches ~1e-3 px there, and differs with the CPU's kernels (AVX2 vs
+            # AVX-512); a wrong box is off by pixels.
+            assert rel <= 1e-5, f"{name}: {abs_} px, {rel} relative"
         else:
             assert abs_ <= 1e-5, f"{name}: {abs_}"
 
