@@ -1,5 +1,6 @@
 """tools/benchmark.py --models: the Res2Net-101 VFNets in the inference table beside R-50 (at a tiny
 size here; timings are not asserted)."""
+
 import json
 import os
 import subprocess

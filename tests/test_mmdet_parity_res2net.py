@@ -7,10 +7,13 @@ configs/mmdet/VFNet_R2_101*_FPN_MS_2x.yaml, and compared as tests/test_mmdet_par
 
     venv-mmdet/bin/python -m pytest tests/test_mmdet_parity_res2net.py -q
 """
+
 import pytest
 import torch
 
-pytest.importorskip("mmdet", reason="MMDetection is not installed (optional: see README, parity with MMDetection)")
+pytest.importorskip(
+    "mmdet", reason="MMDetection is not installed (optional: see README, parity with MMDetection)"
+)
 pytest.importorskip("mmengine")
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 

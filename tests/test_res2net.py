@@ -6,6 +6,7 @@ variant), the builder's structure and freezing, and a VFNet with Res2Net-50 that
 evaluates (tools/train_net.py --eval-only) and exports. MMDetection's own Res2Net is compared in
 tests/test_mmdet_parity_res2net.py.
 """
+
 import os
 import subprocess
 import sys
@@ -58,17 +59,28 @@ def ref_conv(x, conv, stride=1, padding=0):
 
 def ref_avg_pool(x, k, stride, padding, count_padding):
     """Average pool as a sum over a window of zero-padded input, divided by the window's size or
-    by its count of real pixels; the right/bottom zero padding reaches ceil(size / stride) windows."""
+    by its count of real pixels; the right/bottom zero padding reaches ceil(size / stride) windows.
+    """
     c, (h, w) = x.shape[1], x.shape[-2:]
-    oh = -(-(h + 2 * padding - k) // stride) + 1 if not count_padding else (h + 2 * padding - k) // stride + 1
-    ow = -(-(w + 2 * padding - k) // stride) + 1 if not count_padding else (w + 2 * padding - k) // stride + 1
+    oh = (
+        -(-(h + 2 * padding - k) // stride) + 1
+        if not count_padding
+        else (h + 2 * padding - k) // stride + 1
+    )
+    ow = (
+        -(-(w + 2 * padding - k) // stride) + 1
+        if not count_padding
+        else (w + 2 * padding - k) // stride + 1
+    )
     ph, pw = (oh - 1) * stride + k - h - padding, (ow - 1) * stride + k - w - padding
     xp = F.pad(x, (padding, pw, padding, ph))
     ones = torch.ones(c, 1, k, k, dtype=x.dtype)
     sums = F.conv2d(xp, ones, stride=stride, groups=c)
     if count_padding:
         return sums / (k * k)
-    real = F.conv2d(F.pad(torch.ones_like(x[:, :1]), (padding, pw, padding, ph)), ones[:1], stride=stride)
+    real = F.conv2d(
+        F.pad(torch.ones_like(x[:, :1]), (padding, pw, padding, ph)), ones[:1], stride=stride
+    )
     return sums / real
 
 
@@ -79,7 +91,9 @@ def ref_split_conv(x, block, j):
         return F.relu(ref_norm(F.conv2d(x, conv.weight, None, s, 1), conv))
     om = F.conv2d(x, block.conv2_offset[j].weight, block.conv2_offset[j].bias, s, 1)
     o1, o2, mask = om[:, :9], om[:, 9:18], om[:, 18:]
-    y = deform_conv2d(x, torch.cat([o1, o2], 1), conv.weight, None, (s, s), (1, 1), mask=torch.sigmoid(mask))
+    y = deform_conv2d(
+        x, torch.cat([o1, o2], 1), conv.weight, None, (s, s), (1, 1), mask=torch.sigmoid(mask)
+    )
     return F.relu(ref_norm(y, conv))
 
 
@@ -100,7 +114,11 @@ def ref_block(x, block, first_in_stage, chain=None):
     if block.shortcut is None:
         shortcut = x
     else:
-        pooled = x if block.stride == 1 else ref_avg_pool(x, block.stride, block.stride, 0, count_padding=False)
+        pooled = (
+            x
+            if block.stride == 1
+            else ref_avg_pool(x, block.stride, block.stride, 0, count_padding=False)
+        )
         shortcut = ref_conv(pooled, block.shortcut)
     return F.relu(out + shortcut)
 
@@ -115,7 +133,9 @@ def ref_block(x, block, first_in_stage, chain=None):
         (512, 512, 52, 1, False, (7, 9)),  # a later block: chained splits, identity shortcut
     ],
 )
-def test_bottle2neck_matches_the_formula(in_channels, out_channels, width, stride, first, size, deform):
+def test_bottle2neck_matches_the_formula(
+    in_channels, out_channels, width, stride, first, size, deform
+):
     block = randomize_(Bottle2neckBlock(
         in_channels, out_channels, width=width, stride=stride, first_in_stage=first, norm="FrozenBN",
         deform=deform, deform_modulated=True,
@@ -132,7 +152,9 @@ def test_bottle2neck_matches_the_formula(in_channels, out_channels, width, strid
 def test_res4_first_block_at_the_size_of_800x1333():
     """res4's first block on res3's output of an 800x1333 image (100x167): the last column is a
     partial window of the stride-2 shortcut pool (its padding not counted)."""
-    block = randomize_(Bottle2neckBlock(512, 1024, width=104, stride=2, first_in_stage=True, norm="FrozenBN"))
+    block = randomize_(
+        Bottle2neckBlock(512, 1024, width=104, stride=2, first_in_stage=True, norm="FrozenBN")
+    )
     x = torch.randn(1, 512, 100, 167, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         got, want = block(x), ref_block(x, block, True)
@@ -147,7 +169,11 @@ def test_stem_matches_the_formula():
     want = F.relu(ref_conv(want, stem.conv2, padding=1))
     want = F.relu(ref_conv(want, stem.conv3, padding=1))
     want = F.max_pool2d(want, 3, 2, 1)
-    assert [stem.conv1.weight.shape[0], stem.conv2.weight.shape[0], stem.conv3.weight.shape[0]] == [32, 32, 64]
+    assert [stem.conv1.weight.shape[0], stem.conv2.weight.shape[0], stem.conv3.weight.shape[0]] == [
+        32,
+        32,
+        64,
+    ]
     with torch.no_grad():
         torch.testing.assert_close(stem(x), want, rtol=1e-5, atol=1e-5)
     assert stem(x).shape == (1, 64, 10, 13)
@@ -163,7 +189,10 @@ def test_builder_structure_and_freezing():
     net = build_res2net_backbone(cfg, ShapeSpec(channels=3))
     shapes = net.output_shape()
     assert [(shapes[f].channels, shapes[f].stride) for f in ("res2", "res3", "res4", "res5")] == [
-        (256, 4), (512, 8), (1024, 16), (2048, 32)
+        (256, 4),
+        (512, 8),
+        (1024, 16),
+        (2048, 32),
     ]
     assert [len(getattr(net, f"res{i}")) for i in range(2, 6)] == [3, 4, 23, 3]
     # 26w x 4s: split widths 26, 52, 104, 208; three 3x3 convs per block; DCNv2 in res3-res5
@@ -177,14 +206,21 @@ def test_builder_structure_and_freezing():
     # FREEZE_AT 2: stem and res2 frozen, the rest trains (FrozenBN everywhere)
     frozen = {n.split(".")[0] for n, p in net.named_parameters() if not p.requires_grad}
     assert frozen == {"stem", "res2"}
-    assert all(isinstance(m.norm, FrozenBatchNorm2d) for m in net.modules() if hasattr(m, "norm") and m.norm)
+    assert all(
+        isinstance(m.norm, FrozenBatchNorm2d)
+        for m in net.modules()
+        if hasattr(m, "norm") and m.norm
+    )
 
 
 def test_builder_refuses_bad_keys():
     with pytest.raises(ValueError, match="MODEL.RESNETS.DEPTH 18"):
         build_res2net_backbone(small_cfg(), ShapeSpec(channels=3))
     with pytest.raises(ValueError, match="MODEL.RES2NET.SCALES >= 2"):
-        build_res2net_backbone(small_cfg("MODEL.RESNETS.DEPTH", "50", "MODEL.RES2NET.SCALES", "1"), ShapeSpec(channels=3))
+        build_res2net_backbone(
+            small_cfg("MODEL.RESNETS.DEPTH", "50", "MODEL.RES2NET.SCALES", "1"),
+            ShapeSpec(channels=3),
+        )
 
 
 # ------------------------------------------------------------------------------ a whole VFNet
@@ -239,7 +275,12 @@ def test_res2net50_vfnet_exports(tmp_path, deform):
     opts = [*R2, "MODEL.VFNET.TEST_SCORE_THRESH", "0.6", "MODEL.VFNET.DEFORM_CONV_IMPL", "sampling",
             "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"]  # fmt: skip
     if deform:
-        opts += ["MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, True]", "MODEL.RESNETS.DEFORM_MODULATED", "True"]
+        opts += [
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE",
+            "[False, True, True, True]",
+            "MODEL.RESNETS.DEFORM_MODULATED",
+            "True",
+        ]
     torch.manual_seed(0)
     model = spread_scores(build_model(small_cfg(*opts))).eval()
     rng = np.random.RandomState(0)
@@ -254,7 +295,9 @@ def test_res2net50_vfnet_exports(tmp_path, deform):
         path = str(tmp_path / "model.onnx")
         assert E.export_onnx(model, x, path) == 19
         ops = [n.op_type for n in onnx.load(path).graph.node]
-        assert ops.count("DeformConv") == 3 * (4 + 6 + 3)  # three split convs per block of res3-res5
+        assert ops.count("DeformConv") == 3 * (
+            4 + 6 + 3
+        )  # three split convs per block of res3-res5
     else:
         path = str(tmp_path / "model.ts")
         E.export_torchscript(model, x, path)

@@ -6,6 +6,7 @@ inverse mapping; the key names are pinned by a hand-written table and by the key
 MMDetection 3.3.0's own Res2Net VFNets (tests/test_mmdet_parity_res2net.py checks the inverse
 against them where MMDetection is installed).
 """
+
 import os
 import subprocess
 import sys
@@ -143,7 +144,11 @@ def test_every_key_maps_and_values_move_unchanged(fake):
 def test_describe(fake):
     variant, _, mm, _ = fake
     info = describe_mmdet_state_dict(mm)
-    assert (info["backbone"], info["depth"], info["blocks_per_stage"]) == ("Res2Net", 101, (3, 4, 23, 3))
+    assert (info["backbone"], info["depth"], info["blocks_per_stage"]) == (
+        "Res2Net",
+        101,
+        (3, 4, 23, 3),
+    )
     assert (info["scales"], info["base_width"]) == (4, 26)
     dcn = variant == "r2_101_dcn"
     assert info["deform_stages"] == (["res3", "res4", "res5"] if dcn else [])
@@ -232,7 +237,9 @@ def test_imagenet_tool_output_initialises_the_training_config(fake, tmp_path):
     cfg.MODEL.DEVICE = "cpu"
     model, inc = _load_with_checkpointer(cfg, str(dst))
     assert inc.unexpected_keys == [] and inc.incorrect_shapes == []
-    assert inc.missing_keys and not any(k.startswith("backbone.bottom_up.") for k in inc.missing_keys)
+    assert inc.missing_keys and not any(
+        k.startswith("backbone.bottom_up.") for k in inc.missing_keys
+    )
     for k, v in model.state_dict().items():
         if k.startswith("backbone.bottom_up."):
             assert torch.equal(v, d2_sd[k]), k

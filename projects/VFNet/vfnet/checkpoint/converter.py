@@ -197,7 +197,9 @@ _RES2NET_BACKBONE: List[Tuple[str, "re.Pattern", object]] = [
     # saved so holds the plain ResNet conv2 that the Res2Net forward never uses.
     (
         "Res2Net unused conv2",
-        re.compile(r"backbone\.layer([1-4])\.(\d+)\.conv2\.(weight|conv_offset\.weight|conv_offset\.bias)"),
+        re.compile(
+            r"backbone\.layer([1-4])\.(\d+)\.conv2\.(weight|conv_offset\.weight|conv_offset\.bias)"
+        ),
         DROP,
     ),
 ]
@@ -518,9 +520,12 @@ def describe_mmdet_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, obj
     scales = base_width = None
     if res2net:
         base_width = int(state_dict["backbone.layer1.0.convs.0.weight"].shape[0])
-        scales = 1 + len({k for k in keys if re.fullmatch(r"backbone\.layer1\.0\.convs\.\d+\.weight", k)})
+        split = re.compile(r"backbone\.layer1\.0\.convs\.\d+\.weight")
+        scales = 1 + sum(1 for k in keys if split.fullmatch(k))
     offset = "convs.0.conv_offset" if res2net else "conv2.conv_offset"
-    dcn_stages = [i + 1 for i in range(1, 5) if f"backbone.layer{i}.0.{offset}.weight" in state_dict]
+    dcn_stages = [
+        i + 1 for i in range(1, 5) if f"backbone.layer{i}.0.{offset}.weight" in state_dict
+    ]
     cls = state_dict.get(VFNET_MARKER_KEY)
     tower = [re.fullmatch(r"bbox_head\.cls_convs\.(\d+)\..*", k) for k in keys]
     num_convs = len({m.group(1) for m in tower if m})

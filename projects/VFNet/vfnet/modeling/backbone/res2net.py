@@ -5,6 +5,7 @@ convs over `scales` channel splits, and the average-pool shortcut. It computes w
 MMDetection's ``Res2Net`` (mmdet/models/backbones/res2net.py, style "pytorch") computes, with
 the names of Detectron2's ResNet (see vfnet/checkpoint/converter.py for the mapping).
 """
+
 import math
 
 import fvcore.nn.weight_init as weight_init
@@ -44,7 +45,9 @@ class Res2NetStem(CNNBlockBase):
     def __init__(self, in_channels: int = 3, out_channels: int = 64, norm="BN"):
         super().__init__(in_channels, out_channels, 4)
         mid = out_channels // 2
-        self.conv1 = Conv2d(in_channels, mid, 3, stride=2, padding=1, bias=False, norm=get_norm(norm, mid))
+        self.conv1 = Conv2d(
+            in_channels, mid, 3, stride=2, padding=1, bias=False, norm=get_norm(norm, mid)
+        )
         self.conv2 = Conv2d(mid, mid, 3, stride=1, padding=1, bias=False, norm=get_norm(norm, mid))
         self.conv3 = Conv2d(
             mid, out_channels, 3, stride=1, padding=1, bias=False, norm=get_norm(norm, out_channels)
@@ -88,7 +91,9 @@ class Bottle2neckBlock(CNNBlockBase):
     ):
         super().__init__(in_channels, out_channels, stride)
         if scales < 2:
-            raise ValueError(f"Res2Net needs MODEL.RES2NET.SCALES >= 2, got {scales} (1 is a ResNet).")
+            raise ValueError(
+                f"Res2Net needs MODEL.RES2NET.SCALES >= 2, got {scales} (1 is a ResNet)."
+            )
         self.width, self.scales, self.first_in_stage = width, scales, first_in_stage
         self.deform, self.deform_modulated = deform, deform_modulated
         if in_channels != out_channels or stride != 1:
@@ -116,7 +121,15 @@ class Bottle2neckBlock(CNNBlockBase):
             )  # fmt: skip
         else:
             self.conv2 = nn.ModuleList(
-                Conv2d(width, width, 3, stride=stride, padding=1, bias=False, norm=get_norm(norm, width))
+                Conv2d(
+                    width,
+                    width,
+                    3,
+                    stride=stride,
+                    padding=1,
+                    bias=False,
+                    norm=get_norm(norm, width),
+                )
                 for _ in range(scales - 1)
             )
         self.conv3 = Conv2d(
