@@ -7,6 +7,8 @@ input), measured side by side in one run. Prints tables; --json and --plot save 
     python tools/benchmark.py --device cuda --amp   # GPU, autocast
     python tools/benchmark.py --skip-training --skip-scaling --iters 5
     python tools/benchmark.py --dataset mine=val.json:images/ --images mine   # real images
+    python tools/benchmark.py --models VFNet VFNet-R2-101 VFNet-R2-101-DCN --size 800 1333 \
+        --skip-training --skip-scaling                # Res2Net-101 beside R-50, same table
 
 Inputs are random images of --size / --train-size with --train-boxes random boxes, or, with
 --images NAME, the first images of a registered dataset (with their boxes for training), at
@@ -20,12 +22,14 @@ every level (the worst case).
 import argparse
 import sys
 
-from vfnet.utils.benchmark import run_benchmark
+from vfnet.utils.benchmark import MODELS, VFNET_CONFIGS, run_benchmark
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted({*MODELS, *VFNET_CONFIGS}),
+                   help="models to measure, in the tables' order (VFNet: R-50; VFNet-R2-101[-DCN]: Res2Net-101)")
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     p.add_argument("--size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"), help="inference input")

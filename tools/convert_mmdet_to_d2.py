@@ -12,6 +12,14 @@ renaming). With ``--config-file`` (and optional config overrides after it) the m
 config is built on the CPU and every key and shape is checked; all problems are reported at
 once and nothing is written. The output is written to a temporary file in the target folder
 and renamed into place, so a failed run leaves no partial file.
+
+With ``--imagenet`` the input is an ImageNet Res2Net backbone of MMDetection's zoo (the
+ImageNet weights of the official R2-101 configs, ``open-mmlab://res2net101_v1d_26w_4s`` =
+https://download.openmmlab.com/pretrain/third_party/res2net101_v1d_26w_4s_mmdetv2-f0a600f9.pth);
+the output holds ``backbone.bottom_up.*`` only, for ``MODEL.WEIGHTS`` of a training config:
+
+    python tools/convert_mmdet_to_d2.py --imagenet res2net101_v1d_26w_4s_mmdetv2-f0a600f9.pth \
+        pretrained/res2net101_v1d_26w_4s_d2.pth --config-file configs/VFNet_R2_101_FPN_MS_2x.yaml
 """
 
 import argparse
@@ -41,12 +49,18 @@ def main(argv=None):
         help="fall back to torch.load(weights_only=False) for files the safe loader refuses",
     )
     parser.add_argument(
+        "--imagenet",
+        action="store_true",
+        help="the input is an ImageNet Res2Net backbone (keys without 'backbone.'), not a VFNet",
+    )
+    parser.add_argument(
         "opts", nargs="*", help="config overrides (KEY VALUE pairs), with --config-file"
     )
     args = parser.parse_intermixed_args(argv)
     try:
         summary = convert_checkpoint_file(
-            args.input, args.output, args.config_file, args.opts, args.allow_unsafe_pickle
+            args.input, args.output, args.config_file, args.opts, args.allow_unsafe_pickle,
+            args.imagenet,
         )
     except ConversionError as e:
         raise SystemExit(f"error: {e}")

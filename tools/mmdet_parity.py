@@ -15,7 +15,7 @@ preprocessing (decode, resize size, interpolation) and its effect on the detecti
 
 Run it with the interpreter that has MMDetection (a separate virtualenv):
 
-    /work/venv-mmdet/bin/python tools/mmdet_parity.py [--variant r50|r50_dcn|all] [--pipelines]
+    /work/venv-mmdet/bin/python tools/mmdet_parity.py [--variant r50|r50_dcn|r2_101|r2_101_dcn|all] [--pipelines]
 
 mmcv-lite has no compiled ops: when ``mmcv._ext`` is missing, a stand-in module is installed
 whose deformable convolutions call ``torchvision.ops.deform_conv2d`` (same (dy, dx) offset

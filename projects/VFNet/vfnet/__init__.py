@@ -1,8 +1,9 @@
 """
 VarifocalNet for Detectron2.
 
-``import vfnet`` registers the meta-architecture "VFNet", the backbone
-"build_vfnet_resnet_fpn_backbone" and the project's datasets with Detectron2. The pure
+``import vfnet`` registers the meta-architecture "VFNet", the backbones
+"build_vfnet_resnet_fpn_backbone", "build_res2net_backbone" and "build_vfnet_res2net_fpn_backbone"
+and the project's datasets with Detectron2. The pure
 algorithms (ATSS, losses, box coding, star offsets, the deformable-conv kernels, the dataset
 generator) import without Detectron2. The layout follows Detectron2's: see docs/ARCHITECTURE.md.
 """

@@ -1,7 +1,7 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
 `DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.PARAM_GROUPS`,
-`SOLVER.SWA.*`, `TEST.GALLERY.*`) and their defaults.
+`SOLVER.SWA.*`, `TEST.GALLERY.*`, `MODEL.RES2NET.*`) and their defaults.
 """
 from detectron2.config import CfgNode as CN
 
@@ -63,6 +63,11 @@ def add_vfnet_config(cfg):
     # Visualizer, COLUMNS per row, in OUTPUT_DIR/detections.png, and the training curves
     # (OUTPUT_DIR/losses.png, lr.png, ap.png); 0 images: none.
     cfg.TEST.GALLERY = CN({"NUM_IMAGES": 0, "SCORE_THRESH": 0.3, "COLUMNS": 4})
+
+    # Res2Net backbone (build_res2net_backbone, build_vfnet_res2net_fpn_backbone; with the keys
+    # MODEL.RESNETS.DEPTH, NORM, OUT_FEATURES, DEFORM_*): each bottleneck splits its channels into
+    # SCALES groups of BASE_WIDTH x 2**(stage) channels (res2: 26, res3: 52, ...), "26w x 4s".
+    cfg.MODEL.RES2NET = CN({"SCALES": 4, "BASE_WIDTH": 26})
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET

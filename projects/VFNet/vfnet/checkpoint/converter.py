@@ -45,15 +45,18 @@ from torch import Tensor
 
 __all__ = [
     "ConversionError",
+    "RES2NET_RULES",
     "RULES",
     "VFNET_MARKER_KEY",
     "check_against_model",
     "convert_checkpoint_file",
+    "convert_imagenet_backbone",
     "convert_mmdet_to_d2",
     "convert_key",
     "describe_mmdet_state_dict",
     "extract_state_dict",
     "d2_to_mmdet",
+    "is_res2net",
     "load_checkpoint",
     "save_atomic",
 ]
@@ -85,7 +88,7 @@ def _res(m: "re.Match") -> str:
 # whose name depends on whether it is a DCNv2 conv (its `.conv.conv_offset.weight` is in the
 # state dict), see convert_key.
 
-RULES: List[Tuple[str, "re.Pattern", object]] = [
+_RESNET_BACKBONE: List[Tuple[str, "re.Pattern", object]] = [
     # ------------------------------------------------------------------ backbone: stem
     (
         "stem conv",
@@ -130,6 +133,81 @@ RULES: List[Tuple[str, "re.Pattern", object]] = [
         ),
         DROP,
     ),
+]
+
+# Res2Net v1d (mmdet's Res2Net: deep stem, Bottle2neck, average-pool shortcut), whose names partly
+# coincide with ResNet's (``downsample.1.weight`` is a conv here, a BN there): a state dict takes
+# these rules when it has ``convs`` keys (:func:`is_res2net`).
+_RES2NET_BACKBONE: List[Tuple[str, "re.Pattern", object]] = [
+    (
+        "Res2Net stem conv",
+        re.compile(r"backbone\.stem\.([036])\.weight"),
+        lambda m: f"backbone.bottom_up.stem.conv{int(m.group(1)) // 3 + 1}.weight",
+    ),
+    (
+        "Res2Net stem bn",
+        re.compile(rf"backbone\.stem\.([147])\.{_BN}"),
+        lambda m: f"backbone.bottom_up.stem.conv{int(m.group(1)) // 3 + 1}.norm.{m.group(2)}",
+    ),
+    (
+        "Res2Net 1x1 conv",
+        re.compile(r"backbone\.layer([1-4])\.(\d+)\.conv([13])\.weight"),
+        lambda m: f"{_res(m)}.conv{m.group(3)}.weight",
+    ),
+    (
+        "Res2Net 1x1 bn",
+        re.compile(rf"backbone\.layer([1-4])\.(\d+)\.bn([13])\.{_BN}"),
+        lambda m: f"{_res(m)}.conv{m.group(3)}.norm.{m.group(4)}",
+    ),
+    (
+        "Res2Net split conv",
+        re.compile(r"backbone\.layer([1-4])\.(\d+)\.convs\.(\d+)\.weight"),
+        lambda m: f"{_res(m)}.conv2.{m.group(3)}.weight",
+    ),
+    (
+        "Res2Net split DCNv2 offset conv",
+        re.compile(rf"backbone\.layer([1-4])\.(\d+)\.convs\.(\d+)\.conv_offset\.{_WB}"),
+        lambda m: f"{_res(m)}.conv2_offset.{m.group(3)}.{m.group(4)}",
+    ),
+    (
+        "Res2Net split bn",
+        re.compile(rf"backbone\.layer([1-4])\.(\d+)\.bns\.(\d+)\.{_BN}"),
+        lambda m: f"{_res(m)}.conv2.{m.group(3)}.norm.{m.group(4)}",
+    ),
+    (
+        "Res2Net shortcut conv",  # downsample.0 is the average pool
+        re.compile(r"backbone\.layer([1-4])\.(\d+)\.downsample\.1\.weight"),
+        lambda m: f"{_res(m)}.shortcut.weight",
+    ),
+    (
+        "Res2Net shortcut bn",
+        re.compile(rf"backbone\.layer([1-4])\.(\d+)\.downsample\.2\.{_BN}"),
+        lambda m: f"{_res(m)}.shortcut.norm.{m.group(3)}",
+    ),
+    (
+        "Res2Net bn counter",
+        re.compile(
+            r"backbone\.(stem\.[147]|layer[1-4]\.\d+\.(bn[13]|bns\.\d+|downsample\.2))"
+            r"\.num_batches_tracked"
+        ),
+        DROP,
+    ),
+    # The official VarifocalNet's README asks to comment out Bottle2neck's `delattr(self, 'conv2')`
+    # for inference with DCN (mmdet 2.x's init_weights reads `conv2.conv_offset`): a checkpoint
+    # saved so holds the plain ResNet conv2 that the Res2Net forward never uses.
+    (
+        "Res2Net unused conv2",
+        re.compile(
+            r"backbone\.layer([1-4])\.(\d+)\.conv2\.(weight|conv_offset\.weight|conv_offset\.bias)"
+        ),
+        DROP,
+    ),
+]
+
+# The classifier of an ImageNet checkpoint (convert_imagenet_backbone), not part of a detector.
+_IMAGENET_CLASSIFIER = [("classifier", re.compile(r"backbone\.fc\.(weight|bias)"), DROP)]
+
+_NECK_AND_HEAD: List[Tuple[str, "re.Pattern", object]] = [
     # ------------------------------------------------------------------ neck (FPN, start_level=1)
     (
         "fpn lateral",
@@ -210,6 +288,15 @@ RULES: List[Tuple[str, "re.Pattern", object]] = [
     ),
 ]
 
+# The rules of a ResNet/ResNeXt VFNet, and of a Res2Net VFNet.
+RULES = _RESNET_BACKBONE + _NECK_AND_HEAD
+RES2NET_RULES = _RES2NET_BACKBONE + _NECK_AND_HEAD
+
+
+def is_res2net(keys) -> bool:
+    """Whether an MMDetection state dict (keys with ``backbone.``) has a Res2Net backbone."""
+    return "backbone.layer1.0.convs.0.weight" in set(keys)
+
 
 def _dcn_towers(keys) -> set:
     """(tower, index) of the tower convs that are DCNv2 convs in an MMDetection state dict."""
@@ -222,13 +309,14 @@ def _dcn_towers(keys) -> set:
     return out
 
 
-def convert_key(key: str, dcn_towers: Optional[set] = None):
+def convert_key(key: str, dcn_towers: Optional[set] = None, rules=RULES):
     """
     Map one MMDetection key.
 
     Args:
         key: MMDetection parameter name.
         dcn_towers: (tower, index) pairs of DCNv2 tower convs, see :func:`_dcn_towers`.
+        rules: :data:`RULES` (ResNet/ResNeXt backbone) or :data:`RES2NET_RULES`.
 
     Returns:
         ``(rule_name, d2_key)`` for a plain rename, ``(rule_name, (d2_key, level))`` for a
@@ -236,7 +324,7 @@ def convert_key(key: str, dcn_towers: Optional[set] = None):
         rule matches.
     """
     dcn_towers = dcn_towers or set()
-    for name, pattern, target in RULES:
+    for name, pattern, target in rules:
         m = pattern.fullmatch(key)
         if m is None:
             continue
@@ -315,6 +403,58 @@ def convert_mmdet_to_d2(
                 else " (no bbox_head.* key)."
             )
         )
+    rules = RES2NET_RULES if is_res2net(state_dict) else RULES
+    converted, report, unknown = _apply_rules(state_dict, rules)
+    if unknown:
+        raise ConversionError(
+            f"{len(unknown)} key(s) of the checkpoint match no conversion rule, first "
+            f"'{unknown[0]}': {unknown[:10]}. Only ResNet/ResNeXt/Res2Net(+DCNv2) + FPN + "
+            "VFNetHead checkpoints of MMDetection are supported."
+        )
+    return converted, report
+
+
+def convert_imagenet_backbone(
+    state_dict: Mapping[str, Tensor],
+) -> Tuple["OrderedDict[str, Tensor]", Dict[str, List[str]]]:
+    """
+    Convert an ImageNet Res2Net checkpoint of MMDetection's model zoo (e.g.
+    ``open-mmlab://res2net101_v1d_26w_4s``: the backbone's keys without ``backbone.``) to the
+    names of this project's ``backbone.bottom_up`` (``MODEL.WEIGHTS`` of a Res2Net training
+    config; the FPN and the head are left to their initialisation). The classifier ``fc.*``,
+    if any, is dropped with the ``num_batches_tracked`` counters.
+
+    Returns:
+        (converted, report) as :func:`convert_mmdet_to_d2`.
+
+    Raises:
+        ConversionError: the keys carry ``backbone.`` (a detector: use
+            :func:`convert_mmdet_to_d2`), it is not a Res2Net, or a key matches no rule.
+    """
+    detector = [k for k in state_dict if k.startswith(("backbone.", "bbox_head.", "neck."))]
+    if detector:
+        raise ConversionError(
+            f"key '{detector[0]}' is a detector's, not an ImageNet backbone's: convert it "
+            "without --imagenet."
+        )
+    prefixed = {f"backbone.{k}": v for k, v in state_dict.items()}
+    if not is_res2net(prefixed):
+        raise ConversionError(
+            "Not an ImageNet Res2Net checkpoint: key 'layer1.0.convs.0.weight' is missing "
+            f"(first keys: {list(state_dict)[:5]})."
+        )
+    converted, report, unknown = _apply_rules(prefixed, _RES2NET_BACKBONE + _IMAGENET_CLASSIFIER)
+    if unknown:
+        unknown = [k[len("backbone.") :] for k in unknown]
+        raise ConversionError(
+            f"{len(unknown)} key(s) of the checkpoint match no Res2Net rule, first "
+            f"'{unknown[0]}': {unknown[:10]}."
+        )
+    return converted, report
+
+
+def _apply_rules(state_dict: Mapping[str, Tensor], rules):
+    """(converted, report, keys matching no rule) of `state_dict` under `rules`."""
     dcn_towers = _dcn_towers(state_dict.keys())
     converted: "OrderedDict[str, Tensor]" = OrderedDict()
     source: Dict[str, str] = {}
@@ -322,7 +462,7 @@ def convert_mmdet_to_d2(
     report: Dict[str, List[str]] = {"dropped": [], "stacked": []}
     unknown = []
     for key, value in state_dict.items():
-        hit = convert_key(key, dcn_towers)
+        hit = convert_key(key, dcn_towers, rules)
         if hit is None:
             unknown.append(key)
             continue
@@ -339,12 +479,6 @@ def convert_mmdet_to_d2(
             raise ConversionError(f"Keys '{source[target]}' and '{key}' both map to '{target}'.")
         source[target] = key
         converted[target] = value
-    if unknown:
-        raise ConversionError(
-            f"{len(unknown)} key(s) of the checkpoint match no conversion rule, first "
-            f"'{unknown[0]}': {unknown[:10]}. Only ResNet/ResNeXt(+DCNv2) + FPN + VFNetHead "
-            "checkpoints of MMDetection are supported."
-        )
     for name, levels in stacks.items():
         n = len(levels)
         if sorted(levels) != list(range(n)):
@@ -359,16 +493,18 @@ def convert_mmdet_to_d2(
                 raise ConversionError(f"'{key}' has shape {tuple(v.shape)}, expected a scalar.")
             values.append(v.reshape(()))
         converted[name] = torch.stack(values)
-    return converted, report
+    return converted, report, unknown
 
 
 def describe_mmdet_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, object]:
     """
     Architecture facts read from an MMDetection VFNet state dict, for summaries and for
-    choosing the Detectron2 config: ResNet depth, groups and width per group, DCN stages,
-    DCN in the head towers, number of classes, FPN levels, tower depth.
+    choosing the Detectron2 config: ResNet depth, groups and width per group (Res2Net: scales
+    and base width), DCN stages, DCN in the head towers, number of classes, FPN levels, tower
+    depth.
     """
     keys = list(state_dict.keys())
+    res2net = is_res2net(keys)
     blocks = {}
     for k in keys:
         m = re.fullmatch(r"backbone\.layer([1-4])\.(\d+)\.conv1\.weight", k)
@@ -381,17 +517,26 @@ def describe_mmdet_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, obj
     if w is not None:
         groups = w.shape[0] // w.shape[1]
         width = w.shape[1]
+    scales = base_width = None
+    if res2net:
+        base_width = int(state_dict["backbone.layer1.0.convs.0.weight"].shape[0])
+        split = re.compile(r"backbone\.layer1\.0\.convs\.\d+\.weight")
+        scales = 1 + sum(1 for k in keys if split.fullmatch(k))
+    offset = "convs.0.conv_offset" if res2net else "conv2.conv_offset"
     dcn_stages = [
-        i + 1 for i in range(1, 5) if f"backbone.layer{i}.0.conv2.conv_offset.weight" in state_dict
+        i + 1 for i in range(1, 5) if f"backbone.layer{i}.0.{offset}.weight" in state_dict
     ]
     cls = state_dict.get(VFNET_MARKER_KEY)
     tower = [re.fullmatch(r"bbox_head\.cls_convs\.(\d+)\..*", k) for k in keys]
     num_convs = len({m.group(1) for m in tower if m})
     return {
+        "backbone": "Res2Net" if res2net else "ResNet",
         "blocks_per_stage": per_stage,
         "depth": depth,
         "num_groups": groups,
         "width_per_group": width,
+        "scales": scales,
+        "base_width": base_width,
         "deform_stages": [f"res{s}" for s in dcn_stages],
         "dcn_on_last_conv": bool(_dcn_towers(keys)),
         "num_classes": None if cls is None else int(cls.shape[0]),
@@ -479,12 +624,49 @@ _INVERSE: List[Tuple["re.Pattern", Callable[["re.Match"], str]]] = [
 ]
 
 
+# Res2Net's names where they differ from ResNet's (tried first for a Res2Net backbone).
+_INVERSE_RES2NET: List[Tuple["re.Pattern", Callable[["re.Match"], str]]] = [
+    (
+        re.compile(r"backbone\.bottom_up\.stem\.conv([123])\.weight"),
+        lambda m: f"backbone.stem.{3 * (int(m.group(1)) - 1)}.weight",
+    ),
+    (
+        re.compile(rf"backbone\.bottom_up\.stem\.conv([123])\.norm\.{_BN}"),
+        lambda m: f"backbone.stem.{3 * (int(m.group(1)) - 1) + 1}.{m.group(2)}",
+    ),
+    (
+        re.compile(r"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv2\.(\d+)\.weight"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.convs.{m.group(3)}.weight",
+    ),
+    (
+        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv2\.(\d+)\.norm\.{_BN}"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.bns.{m.group(3)}.{m.group(4)}",
+    ),
+    (
+        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv2_offset\.(\d+)\.{_WB}"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.convs.{m.group(3)}"
+        f".conv_offset.{m.group(4)}",
+    ),
+    (
+        re.compile(r"backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.weight"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.downsample.1.weight",
+    ),
+    (
+        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.norm\.{_BN}"),
+        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.downsample.2.{m.group(3)}",
+    ),
+]
+
+
 def d2_to_mmdet(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
     """
     Inverse of :func:`convert_mmdet_to_d2` (without ``num_batches_tracked``): Detectron2 names
-    of this project's VFNet to MMDetection's. ``head.scales`` / ``head.scales_refine`` are split
-    into per-level 0-dim tensors. Used to build MMDetection-style state dicts in tests.
+    of this project's VFNet (ResNet or Res2Net, told by ``stem.conv2``) to MMDetection's.
+    ``head.scales`` / ``head.scales_refine`` are split into per-level 0-dim tensors. Used to
+    build MMDetection-style state dicts in tests.
     """
+    res2net = "backbone.bottom_up.stem.conv2.weight" in state_dict
+    inverse = _INVERSE_RES2NET + _INVERSE if res2net else _INVERSE
     out: "OrderedDict[str, Tensor]" = OrderedDict()
     for key, value in state_dict.items():
         m = re.fullmatch(r"head\.(scales|scales_refine)", key)
@@ -492,7 +674,7 @@ def d2_to_mmdet(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
             for i, v in enumerate(value.unbind(0)):
                 out[f"bbox_head.{m.group(1)}.{i}.scale"] = v
             continue
-        for pattern, fn in _INVERSE:
+        for pattern, fn in inverse:
             m = pattern.fullmatch(key)
             if m:
                 out[fn(m)] = value
@@ -540,11 +722,13 @@ def load_checkpoint(path: str, allow_unsafe: bool = False):
     )
 
 
-def check_against_model(converted: Mapping[str, Tensor], config_file: str, opts=()) -> List[str]:
+def check_against_model(
+    converted: Mapping[str, Tensor], config_file: str, opts=(), prefix: str = ""
+) -> List[str]:
     """
     Build the model of `config_file` (with the overrides `opts`, KEY VALUE pairs) on the CPU;
-    return a list of problems of `converted` against its state dict (empty when it fits).
-    Needs Detectron2.
+    return a list of problems of `converted` against its state dict (empty when it fits): of the
+    model's keys, those starting with `prefix` must all be in `converted`. Needs Detectron2.
     """
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -560,7 +744,7 @@ def check_against_model(converted: Mapping[str, Tensor], config_file: str, opts=
     model_sd = build_model(cfg).state_dict()
     problems = []
     for k in model_sd:
-        if k not in converted:
+        if k.startswith(prefix) and k not in converted:
             problems.append(f"missing in checkpoint: {k} {tuple(model_sd[k].shape)}")
     for k, v in converted.items():
         if k not in model_sd:
@@ -593,9 +777,12 @@ def convert_checkpoint_file(
     config_file: str = "",
     opts=(),
     allow_unsafe: bool = False,
+    imagenet: bool = False,
 ) -> str:
     """
-    Convert the MMDetection checkpoint file `src` and write
+    Convert the MMDetection checkpoint file `src` (with `imagenet`: an ImageNet Res2Net backbone,
+    :func:`convert_imagenet_backbone`, checked against the config's ``backbone.bottom_up`` only)
+    and write
     ``{"model": state_dict, "__author__": "mmdetection", "matching_heuristics": False}`` to
     `dst` (atomically: a failure leaves no partial file). With `config_file` (and the config
     overrides `opts`) every key and shape is first checked against that config's model
@@ -618,13 +805,18 @@ def convert_checkpoint_file(
     checkpoint = load_checkpoint(src, allow_unsafe)
     try:
         state_dict = extract_state_dict(checkpoint)
-        converted, report = convert_mmdet_to_d2(state_dict)
+        if imagenet:
+            converted, report = convert_imagenet_backbone(state_dict)
+            state_dict = {f"backbone.{k}": v for k, v in state_dict.items()}
+        else:
+            converted, report = convert_mmdet_to_d2(state_dict)
     except ConversionError as e:
         raise ConversionError(f"{src}: {e}") from None
     info = describe_mmdet_state_dict(state_dict)
 
     if config_file:
-        problems = check_against_model(converted, config_file, opts)
+        prefix = "backbone.bottom_up." if imagenet else ""
+        problems = check_against_model(converted, config_file, opts, prefix)
         if problems:
             lines = "\n  ".join(problems)
             raise ConversionError(
@@ -639,21 +831,31 @@ def convert_checkpoint_file(
     )
     meta = checkpoint.get("meta", {}) if isinstance(checkpoint, dict) else {}
     version = meta.get("mmdet_version") if isinstance(meta, dict) else None
+    counters = [k for k in report["dropped"] if k.endswith("num_batches_tracked")]
+    others = len(report["dropped"]) - len(counters)
+    if info["backbone"] == "Res2Net":
+        width = "{w}w x {s}s".format(w=info["base_width"], s=info["scales"])
+    else:
+        width = "groups {g} x width {w}".format(g=info["num_groups"], w=info["width_per_group"])
     summary = [
         f"{src}" + (f" (mmdet {version})" if version else ""),
         f"  {len(state_dict)} tensors -> {len(converted)} "
-        f"({len(report['dropped'])} num_batches_tracked dropped, "
-        f"{len(report['stacked'])} per-level scales stacked into head.scales/head.scales_refine)",
-        "  architecture: ResNet{depth} blocks {blocks} groups {g} x width {w}, DCNv2 in {dcn}, "
-        "DCN tower conv: {tower}, {k} classes, {lv} levels".format(
+        f"({len(counters)} num_batches_tracked dropped, "
+        + (f"{others} unused tensors dropped, " if others else "")
+        + f"{len(report['stacked'])} per-level scales stacked into head.scales/head.scales_refine)",
+        "  architecture: {net}{depth} blocks {blocks} {width}, DCNv2 in {dcn}, ".format(
+            net=info["backbone"],
             depth=info["depth"] or "?",
             blocks=info["blocks_per_stage"],
-            g=info["num_groups"],
-            w=info["width_per_group"],
+            width=width,
             dcn=info["deform_stages"] or "none",
-            tower=info["dcn_on_last_conv"],
-            k=info["num_classes"],
-            lv=info["num_levels"],
+        )
+        + (
+            "ImageNet backbone only"
+            if imagenet
+            else "DCN tower conv: {tower}, {k} classes, {lv} levels".format(
+                tower=info["dcn_on_last_conv"], k=info["num_classes"], lv=info["num_levels"]
+            )
         ),
     ]
     if config_file:

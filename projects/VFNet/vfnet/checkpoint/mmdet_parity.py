@@ -30,6 +30,11 @@ VARIANTS = {
         "vfnet_r50-mdconv-c3-c5_fpn_ms-2x_coco.py",
         "configs/mmdet/VFNet_R_50_DCN_FPN_MS_2x.yaml",
     ),
+    "r2_101": ("vfnet_res2net-101_fpn_ms-2x_coco.py", "configs/mmdet/VFNet_R2_101_FPN_MS_2x.yaml"),
+    "r2_101_dcn": (
+        "vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py",
+        "configs/mmdet/VFNet_R2_101_DCN_FPN_MS_2x.yaml",
+    ),
 }
 
 

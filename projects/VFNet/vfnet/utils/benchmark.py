@@ -24,10 +24,15 @@ from ..data.datasets import register_coco_dataset
 from ..data.mapper import VFNetDatasetMapper
 
 # In the repository's configs/ (the package is installed in development mode from projects/VFNet/).
-VFNET_CONFIG = os.path.abspath(
-    os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "configs", "VFNet_R_50_FPN_1x.yaml")
-)
-MODELS = ("VFNet", "FCOS", "RetinaNet")
+CONFIGS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "configs"))
+VFNET_CONFIG = os.path.join(CONFIGS, "VFNet_R_50_FPN_1x.yaml")
+# The VFNets that --models can name, by their config ("VFNet" is the R-50 one).
+VFNET_CONFIGS = {
+    "VFNet": VFNET_CONFIG,
+    "VFNet-R2-101": os.path.join(CONFIGS, "VFNet_R2_101_FPN_MS_2x.yaml"),
+    "VFNet-R2-101-DCN": os.path.join(CONFIGS, "VFNet_R2_101_DCN_FPN_MS_2x.yaml"),
+}
+MODELS = ("VFNet", "FCOS", "RetinaNet")  # the default of --models
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,9 +48,9 @@ def build(name, device, opts=()):
         model = instantiate(cfg.model)
     else:
         cfg = get_cfg()
-        if name == "VFNet":
+        if name in VFNET_CONFIGS:
             add_vfnet_config(cfg)
-            cfg.merge_from_file(VFNET_CONFIG)
+            cfg.merge_from_file(VFNET_CONFIGS[name])
             cfg.MODEL.VFNET.TEST_SCORE_THRESH = 0.0
             cfg.merge_from_list(list(opts))
         else:
@@ -273,11 +278,11 @@ def machine():
 
 
 def ratio_rows(results):
+    """One row per model, in the order of `results`; the ratio to "VFNet" (R-50) where it ran."""
     rows = []
-    for name in MODELS:
-        r = results[name]
-        rows.append([name, f"{r['total']:.3f}", f"{r['peak_memory_mb']:.0f}",
-                     f"{results['VFNet']['total'] / r['total']:.2f}"])  # fmt: skip
+    for name, r in results.items():
+        ratio = f"{results['VFNet']['total'] / r['total']:.2f}" if "VFNet" in results else "-"
+        rows.append([name, f"{r['total']:.3f}", f"{r['peak_memory_mb']:.0f}", ratio])
     return rows
 
 
@@ -292,29 +297,31 @@ def run_benchmark(args):
     amp = " (AMP)" if args.amp else ""
 
     if not args.skip_inference:
-        results = {m: in_fresh_process("measure_inference", (m,), args) for m in MODELS}
+        results = {m: in_fresh_process("measure_inference", (m,), args) for m in args.models}
         report["inference"] = results
         h, w = args.size
         where = f"the first image of '{args.images}'" if args.images else f"{h}x{w}"
         print(table(f"Inference{amp}, batch 1, {where}, median s/image",
                     ["model", "s/image", mem, "VFNet / model"], ratio_rows(results)))  # fmt: skip
-        v = results["VFNet"]
-        parts = ["backbone+FPN", "head", "post-processing"]
-        print(table("\nVFNet inference split", ["part", "s", "share"],
-                    [[k, f"{v[k]:.3f}", f"{v[k] / v['total']:.0%}"] for k in parts]) + "\n")  # fmt: skip
+        if "VFNet" in results:
+            v = results["VFNet"]
+            parts = ["backbone+FPN", "head", "post-processing"]
+            print(table("\nVFNet inference split", ["part", "s", "share"],
+                        [[k, f"{v[k]:.3f}", f"{v[k] / v['total']:.0%}"] for k in parts]) + "\n")  # fmt: skip
 
     if not args.skip_training:
-        results = {m: in_fresh_process("measure_training", (m,), args) for m in MODELS}
+        results = {m: in_fresh_process("measure_training", (m,), args) for m in args.models}
         report["training"] = results
         h, w = args.train_size
         where = f"images of '{args.images}'" if args.images else f"{h}x{w}, {args.train_boxes} boxes/image"
         print(table(f"Training step{amp} (forward + backward + SGD step), batch {args.train_batch}, "
                     f"{where}, median s/iter",
                     ["model", "s/iter", mem, "VFNet / model"], ratio_rows(results)))  # fmt: skip
-        v = results["VFNet"]
-        parts = ["backbone", "head forward", "ATSS + targets", "losses", "backward + step"]
-        print(table("\nVFNet training split (timed part by part)", ["part", "s", "share of the sum"],
-                    [[k, f"{v[k]:.3f}", f"{v[k] / sum(v[p] for p in parts):.0%}"] for k in parts]) + "\n")  # fmt: skip
+        if "VFNet" in results:
+            v = results["VFNet"]
+            parts = ["backbone", "head forward", "ATSS + targets", "losses", "backward + step"]
+            print(table("\nVFNet training split (timed part by part)", ["part", "s", "share of the sum"],
+                        [[k, f"{v[k]:.3f}", f"{v[k] / sum(v[p] for p in parts):.0%}"] for k in parts]) + "\n")  # fmt: skip
 
     if not args.skip_scaling:
         by_boxes = {n: in_fresh_process("measure_atss", (n, tuple(args.atss_size)), args) for n in args.atss_boxes}

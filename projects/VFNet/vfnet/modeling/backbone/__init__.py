@@ -1,4 +1,5 @@
 """Backbones registered with Detectron2's BACKBONE_REGISTRY."""
+from .res2net import build_res2net_backbone, build_vfnet_res2net_fpn_backbone
 from .resnet_fpn import (
     AnyDeviceDeformConv,
     AnyDeviceModulatedDeformConv,

@@ -8,7 +8,7 @@ from torchvision.ops import deform_conv2d
 
 from detectron2.layers import DeformConv, ModulatedDeformConv, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone import FPN, build_resnet_backbone
+from detectron2.modeling.backbone import FPN, Backbone, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
 from ...layers.deform_conv import detectron2_kernel_inputs, finite_offsets
@@ -74,6 +74,14 @@ def build_vfnet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
             module.__class__ = AnyDeviceModulatedDeformConv
         elif type(module) is DeformConv:
             module.__class__ = AnyDeviceDeformConv
+    return vfnet_fpn(cfg, bottom_up)
+
+
+def vfnet_fpn(cfg, bottom_up: Backbone) -> FPN:
+    """
+    VFNet's FPN over `bottom_up` (any backbone with MODEL.FPN.IN_FEATURES among its outputs):
+    MODEL.FPN.OUT_CHANNELS channels, P6 = conv3x3/s2(P5), P7 = conv3x3/s2(ReLU(P6)).
+    """
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     return FPN(
         bottom_up=bottom_up,
