@@ -1,7 +1,7 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
 `DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.PARAM_GROUPS`,
-`SOLVER.SWA.*`, `TEST.GALLERY.*`) and their defaults.
+`SOLVER.SWA.*`, `TEST.GALLERY.*`), the IoU-aware losses of `MODEL.RETINANET` and their defaults.
 """
 from detectron2.config import CfgNode as CN
 
@@ -63,6 +63,18 @@ def add_vfnet_config(cfg):
     # Visualizer, COLUMNS per row, in OUTPUT_DIR/detections.png, and the training curves
     # (OUTPUT_DIR/losses.png, lr.png, ap.png); 0 images: none.
     cfg.TEST.GALLERY = CN({"NUM_IMAGES": 0, "SCORE_THRESH": 0.3, "COLUMNS": 4})
+
+    # The classification loss of the meta-architecture "IoUAwareRetinaNet" (Detectron2's RetinaNet,
+    # vfnet/modeling/meta_arch/iou_aware_dense.py; Detectron2's "RetinaNet" ignores these keys):
+    # "focal" (Detectron2's, FOCAL_LOSS_ALPHA, FOCAL_LOSS_GAMMA), "varifocal" (VarifocalNet's, on
+    # IoU-aware targets: the IoU of each positive's decoded predicted box with its ground truth;
+    # VFL_ALPHA, VFL_GAMMA, VFL_IOU_WEIGHTED as the official vfl_retinanet config) or
+    # "quality_focal" (GFL's, same targets, exponent QFL_BETA).
+    cfg.MODEL.RETINANET.CLS_LOSS_TYPE = "varifocal"
+    cfg.MODEL.RETINANET.VFL_ALPHA = 0.75
+    cfg.MODEL.RETINANET.VFL_GAMMA = 2.0
+    cfg.MODEL.RETINANET.VFL_IOU_WEIGHTED = True
+    cfg.MODEL.RETINANET.QFL_BETA = 2.0
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET
