@@ -312,3 +312,118 @@ def test_lazyconfig_train_net_trains_and_evaluates_fcos_with_iou_aware_losses(co
     saved = LazyConfig.load(str(tmp_path / "config.yaml"))
     assert saved.model._target_.endswith("IoUAwareFCOS")
     assert saved.model.cls_loss_type == ("varifocal" if "vfl" in config else "quality_focal")
+
+
+# ---------------------------------------------------------------------------------------------
+# The RetinaNet converter (vfnet/checkpoint/retinanet_converter.py), without MMDetection
+# ---------------------------------------------------------------------------------------------
+
+
+def mmdet_anchor_index(d2_index, num_sizes=3, num_ratios=3):
+    """Detectron2 numbers a location's anchors size * R + ratio, MMDetection ratio * S + size."""
+    size, ratio = divmod(d2_index, num_ratios)
+    return ratio * num_sizes + size
+
+
+def test_anchor_permutation_maps_detectron2s_cell_anchors_to_mmdets():
+    from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+
+    from vfnet.checkpoint.retinanet_converter import anchor_permutation
+
+    sizes, ratios = [32 * 2 ** (i / 3) for i in range(3)], [0.5, 1.0, 2.0]
+    d2 = DefaultAnchorGenerator(sizes=[sizes], aspect_ratios=[ratios], strides=[8]).cell_anchors
+    d2 = next(iter(d2))
+    # MMDetection's AnchorGenerator(octave_base_scale=4, scales_per_octave=3, strides=[8]), its
+    # base anchors written out: for each ratio (h / w), for each scale, w = 8 * scale / sqrt(r).
+    mm = []
+    for r in ratios:
+        for i in range(3):
+            w, h = 8 * 4 * 2 ** (i / 3) / math.sqrt(r), 8 * 4 * 2 ** (i / 3) * math.sqrt(r)
+            mm.append([-w / 2, -h / 2, w / 2, h / 2])
+    mm = torch.tensor(mm)
+    perm = anchor_permutation(3, 3)
+    assert perm.tolist() == [mmdet_anchor_index(a) for a in range(9)] == [0, 3, 6, 1, 4, 7, 2, 5, 8]
+    torch.testing.assert_close(d2, mm[perm], rtol=1e-5, atol=1e-4)
+
+
+def mmdet_name(key):
+    """The MMDetection name of a Detectron2 RetinaNet parameter, by MMDetection's conventions."""
+    import re
+
+    rules = [
+        (r"backbone\.bottom_up\.stem\.conv1\.weight", "backbone.conv1.weight"),
+        (r"backbone\.bottom_up\.stem\.conv1\.norm\.(\w+)", r"backbone.bn1.\1"),
+        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.weight", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.weight"),
+        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.(\w+)", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.{m[4]}"),
+        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.weight", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.0.weight"),
+        (r"backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.(\w+)", lambda m: f"backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}"),
+        (r"backbone\.fpn_lateral(\d)\.(\w+)", lambda m: f"neck.lateral_convs.{int(m[1]) - 3}.conv.{m[2]}"),
+        (r"backbone\.fpn_output(\d)\.(\w+)", lambda m: f"neck.fpn_convs.{int(m[1]) - 3}.conv.{m[2]}"),
+        (r"backbone\.top_block\.p6\.(\w+)", r"neck.fpn_convs.3.conv.\1"),
+        (r"backbone\.top_block\.p7\.(\w+)", r"neck.fpn_convs.4.conv.\1"),
+        (r"head\.cls_subnet\.(\d+)\.(\w+)", lambda m: f"bbox_head.cls_convs.{int(m[1]) // 2}.conv.{m[2]}"),
+        (r"head\.bbox_subnet\.(\d+)\.(\w+)", lambda m: f"bbox_head.reg_convs.{int(m[1]) // 2}.conv.{m[2]}"),
+        (r"head\.cls_score\.(\w+)", r"bbox_head.retina_cls.\1"),
+        (r"head\.bbox_pred\.(\w+)", r"bbox_head.retina_reg.\1"),
+    ]  # fmt: skip
+    for pattern, repl in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, repl, key)
+    raise AssertionError(f"no MMDetection name for {key}")
+
+
+R18 = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+       "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.RETINANET.NUM_CLASSES", "5"]  # fmt: skip
+
+
+def test_convert_tool_round_trip_with_mmdets_names_and_anchor_order(tmp_path):
+    """A Detectron2 RetinaNet's weights, written as an MMDetection checkpoint (its names, its
+    anchor order, BN counters), come back equal through tools/convert_mmdet_to_d2.py."""
+    config = os.path.join(ROOT, "configs", "mmdet", "RetinaNet_VFL_R_50_FPN_1x.yaml")
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *R18])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert type(model.backbone.top_block).__name__ == "LastLevelP6P7WithoutReLU"
+    d2 = {k: v + torch.rand_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    mm = {}
+    for key, value in d2.items():
+        if key.startswith(("head.cls_score", "head.bbox_pred")):  # channels a * per + c
+            per = 5 if "cls_score" in key else 4
+            value_mm = torch.empty_like(value)
+            for a in range(9):
+                value_mm[mmdet_anchor_index(a) * per : (mmdet_anchor_index(a) + 1) * per] = value[a * per : (a + 1) * per]
+            value = value_mm
+        mm[mmdet_name(key)] = value
+        if key.endswith("norm.running_var"):
+            mm[mmdet_name(key).replace("running_var", "num_batches_tracked")] = torch.tensor(7)
+    src, dst = tmp_path / "mmdet.pth", tmp_path / "d2.pth"
+    torch.save({"meta": {"mmdet_version": "2.10.0"}, "state_dict": mm}, src)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "convert_mmdet_to_d2.py"), "--arch", "retinanet",
+         str(src), str(dst), "--config-file", config, *R18],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every key and shape matches" in proc.stdout
+    out = torch.load(dst, weights_only=True)
+    assert out["__author__"] == "mmdetection" and out["matching_heuristics"] is False
+    assert out["model"].keys() == d2.keys()
+    for k in d2:
+        assert torch.equal(out["model"][k], d2[k]), k
+
+
+def test_converter_refuses_other_checkpoints_by_name():
+    from vfnet.checkpoint.converter import ConversionError
+    from vfnet.checkpoint.retinanet_converter import convert_retinanet_mmdet_to_d2
+
+    head = {"bbox_head.retina_cls.weight": torch.zeros(9 * 3, 8, 3, 3),
+            "bbox_head.retina_reg.weight": torch.zeros(36, 8, 3, 3)}  # fmt: skip
+    with pytest.raises(ConversionError, match=r"convert it without --arch retinanet"):
+        convert_retinanet_mmdet_to_d2({"bbox_head.vfnet_cls.weight": torch.zeros(3, 8, 3, 3)})
+    with pytest.raises(ConversionError, match=r"'bbox_head\.atss_centerness\.weight'"):
+        convert_retinanet_mmdet_to_d2({**head, "bbox_head.atss_centerness.weight": torch.zeros(1)})
+    with pytest.raises(ConversionError, match=r"36 output channels, expected 4 x 3 sizes x 1 ratios"):
+        convert_retinanet_mmdet_to_d2(head, num_sizes=3, num_ratios=1)

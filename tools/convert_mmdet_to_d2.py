@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """
 Convert an MMDetection VarifocalNet checkpoint (e.g. the official
-``vfnet_r50_fpn_1x_coco_20201027-38db6f58.pth``) to a Detectron2 checkpoint of this project.
+``vfnet_r50_fpn_1x_coco_20201027-38db6f58.pth``) to a Detectron2 checkpoint of this project, or
+with ``--arch retinanet`` an MMDetection RetinaNet (the official RetinaNet + FL / + VFL models)
+to Detectron2's RetinaNet.
 
     python tools/convert_mmdet_to_d2.py IN.pth OUT.pth \
         [--config-file configs/mmdet/VFNet_R_50_FPN_1x.yaml] [KEY VALUE ...]
+    python tools/convert_mmdet_to_d2.py --arch retinanet IN.pth OUT.pth \
+        [--config-file configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml]
 
 The output is ``{"model": state_dict, "__author__": "mmdetection", "matching_heuristics":
 False}``: ``DetectionCheckpointer(model).load(OUT)`` loads it by exact names (no heuristic
@@ -24,6 +28,9 @@ if importlib.util.find_spec("vfnet") is None:  # not installed: use the source t
         0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects", "VFNet")
     )
 from vfnet.checkpoint.converter import ConversionError, convert_checkpoint_file  # noqa: E402
+from vfnet.checkpoint.retinanet_converter import convert_retinanet_checkpoint_file  # noqa: E402
+
+CONVERTERS = {"vfnet": convert_checkpoint_file, "retinanet": convert_retinanet_checkpoint_file}
 
 
 def main(argv=None):
@@ -36,6 +43,12 @@ def main(argv=None):
         "--config-file", default="", help="check keys and shapes against this config's model"
     )
     parser.add_argument(
+        "--arch",
+        choices=sorted(CONVERTERS),
+        default="vfnet",
+        help="the checkpoint's detector: VarifocalNet, or RetinaNet (ResNet-FPN, RetinaHead)",
+    )
+    parser.add_argument(
         "--allow-unsafe-pickle",
         action="store_true",
         help="fall back to torch.load(weights_only=False) for files the safe loader refuses",
@@ -45,7 +58,7 @@ def main(argv=None):
     )
     args = parser.parse_intermixed_args(argv)
     try:
-        summary = convert_checkpoint_file(
+        summary = CONVERTERS[args.arch](
             args.input, args.output, args.config_file, args.opts, args.allow_unsafe_pickle
         )
     except ConversionError as e:

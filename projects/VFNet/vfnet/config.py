@@ -75,6 +75,10 @@ def add_vfnet_config(cfg):
     cfg.MODEL.RETINANET.VFL_GAMMA = 2.0
     cfg.MODEL.RETINANET.VFL_IOU_WEIGHTED = True
     cfg.MODEL.RETINANET.QFL_BETA = 2.0
+    # IoUAwareRetinaNet's inference: clip the candidate boxes to the image and drop the empty ones
+    # before the NMS, as MMDetection's RetinaHead (configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml, for
+    # its converted weights); False: Detectron2's RetinaNet (clipped after the NMS).
+    cfg.MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS = False
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET

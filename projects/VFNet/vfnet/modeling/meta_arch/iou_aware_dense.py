@@ -95,7 +95,8 @@ class _IoUAwareClassification:
 class IoUAwareRetinaNet(_IoUAwareClassification, RetinaNet):
     """
     Detectron2's RetinaNet with MODEL.RETINANET.CLS_LOSS_TYPE "focal" (Detectron2's loss),
-    "varifocal" or "quality_focal".
+    "varifocal" or "quality_focal"; with MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS, MMDetection's
+    post-processing order (for its converted weights).
     """
 
     @configurable
@@ -107,6 +108,7 @@ class IoUAwareRetinaNet(_IoUAwareClassification, RetinaNet):
         vfl_gamma: float = 2.0,
         vfl_iou_weighted: bool = True,
         qfl_beta: float = 2.0,
+        clip_boxes_before_nms: bool = False,
         **kwargs,
     ):
         """
@@ -114,10 +116,13 @@ class IoUAwareRetinaNet(_IoUAwareClassification, RetinaNet):
             cls_loss_type: "focal", "varifocal" or "quality_focal".
             vfl_alpha, vfl_gamma, vfl_iou_weighted: arguments of `varifocal_loss`.
             qfl_beta: the exponent of `quality_focal_loss`.
+            clip_boxes_before_nms: clip the decoded candidates to the image and drop the empty
+                ones before the NMS, as MMDetection's RetinaHead (Detectron2 clips after it).
             Other arguments as :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
         self._init_cls_loss(cls_loss_type, vfl_alpha, vfl_gamma, vfl_iou_weighted, qfl_beta)
+        self.clip_boxes_before_nms = clip_boxes_before_nms
 
     @classmethod
     def from_config(cls, cfg):
@@ -129,8 +134,16 @@ class IoUAwareRetinaNet(_IoUAwareClassification, RetinaNet):
             vfl_gamma=c.VFL_GAMMA,
             vfl_iou_weighted=c.VFL_IOU_WEIGHTED,
             qfl_beta=c.QFL_BETA,
+            clip_boxes_before_nms=c.CLIP_BOXES_BEFORE_NMS,
         )
         return ret
+
+    def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, *args):
+        pred = super()._decode_per_level_predictions(anchors, pred_scores, pred_deltas, *args)
+        if self.clip_boxes_before_nms:
+            pred.pred_boxes.clip(pred.image_size)
+            pred = pred[pred.pred_boxes.nonempty(threshold=0.0)]
+        return pred
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         losses = super().losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
