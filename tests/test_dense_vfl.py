@@ -221,6 +221,20 @@ def test_retinanet_focal_setting_is_detectron2s_retinanet():
         assert torch.equal(got[k], want[k]), k
 
 
+def test_clip_boxes_before_nms_clips_and_drops_the_empty_candidates():
+    model = build_model(retinanet_cfg("focal", "MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS", "True"))
+    anchors = Boxes(torch.tensor([[-50.0, 10, 30, 40], [200, 10, 260, 40], [10, 10, 50, 60]]))
+    scores = torch.tensor([[0.9, 0.0], [0.8, 0.0], [0.0, 0.7]])  # (anchors, K = 2)
+    deltas = torch.zeros(3, 4)  # the boxes are the anchors
+    pred = model._decode_per_level_predictions(anchors, scores, deltas, 0.05, 1000, (100, 150))
+    # The first box clipped at x = 0; the second lies right of the image (x1 = 200 > 150): empty.
+    assert pred.pred_boxes.tensor.tolist() == [[0.0, 10, 30, 40], [10, 10, 50, 60]]
+    assert pred.scores.tolist() == pytest.approx([0.9, 0.7]) and pred.pred_classes.tolist() == [0, 1]
+    model.clip_boxes_before_nms = False  # Detectron2's: unclipped until detector_postprocess
+    pred = model._decode_per_level_predictions(anchors, scores, deltas, 0.05, 1000, (100, 150))
+    assert pred.pred_boxes.tensor.tolist() == anchors.tensor[[0, 1, 2]].tolist()
+
+
 def fcos_model(kind):
     cfg = LazyConfig.load(os.path.join(ROOT, "configs", "lazy", "fcos_vfl_shapes_demo.py"))
     cfg.model.cls_loss_type = kind
