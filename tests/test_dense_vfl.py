@@ -271,6 +271,40 @@ def test_fcos_cls_loss_is_the_independent_computation_and_only_it_changes(kind):
     assert float(losses["loss_fcos_cls"]) != pytest.approx(float(fl["loss_fcos_cls"]), rel=1e-6)
 
 
+def test_retinanet_vfl_yaml_and_lazy_configs_build_the_same_model_and_optimizer():
+    from vfnet.solver import build_optimizer
+
+    ycfg = get_cfg()
+    vfnet.add_vfnet_config(ycfg)
+    ycfg.merge_from_file(os.path.join(ROOT, "configs", "RetinaNet_VFL_R_50_FPN_1x.yaml"))
+    ycfg.MODEL.DEVICE = "cpu"
+    lcfg = LazyConfig.load(os.path.join(ROOT, "configs", "lazy", "retinanet_vfl_R_50_FPN_1x.py"))
+    torch.manual_seed(0)
+    ymodel = build_model(ycfg)
+    torch.manual_seed(0)
+    lmodel = instantiate(lcfg.model)
+    assert type(lmodel) is type(ymodel) is IoUAwareRetinaNet
+    ystate, lstate = ymodel.state_dict(), lmodel.state_dict()
+    assert [(k, v.shape) for k, v in lstate.items()] == [(k, v.shape) for k, v in ystate.items()]
+    assert all(torch.equal(lstate[k], ystate[k]) for k in ystate)  # same initialisation
+    for attr in ("cls_loss_type", "vfl_alpha", "vfl_gamma", "vfl_iou_weighted", "qfl_beta",
+                 "smooth_l1_beta", "box_reg_loss_type", "focal_loss_alpha", "num_classes",
+                 "test_score_thresh", "test_topk_candidates", "test_nms_thresh",
+                 "max_detections_per_image", "clip_boxes_before_nms"):  # fmt: skip
+        assert getattr(lmodel, attr) == getattr(ymodel, attr), attr
+    assert lmodel.box2box_transform.weights == ymodel.box2box_transform.weights == (1.0, 1.0, 1.0, 1.0)
+    assert lmodel.smooth_l1_beta == 0.0 and lmodel.cls_loss_type == "varifocal"
+    for a, b in zip(lmodel.anchor_generator.cell_anchors, ymodel.anchor_generator.cell_anchors):
+        assert torch.equal(a, b)
+    # One optimizer group: lr 0.01 and weight decay 1e-4 on every parameter (no paramwise_cfg).
+    lcfg.optimizer.params.model = lmodel
+    lopt, yopt = instantiate(lcfg.optimizer), build_optimizer(ycfg, ymodel)
+    for opt in (lopt, yopt):
+        assert {(g["lr"], g["weight_decay"]) for g in opt.param_groups} == {(0.01, 1e-4)}
+        trainable = [p for p in lmodel.parameters() if p.requires_grad]  # res2 and the stem frozen
+        assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+
+
 def test_an_unknown_loss_type_names_the_key():
     with pytest.raises(ValueError, match=r"MODEL.RETINANET.CLS_LOSS_TYPE.*'focal', 'varifocal'"):
         build_model(retinanet_cfg("varifocl"))
