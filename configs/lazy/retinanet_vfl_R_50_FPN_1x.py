@@ -5,8 +5,10 @@ configs/RetinaNet_VFL_R_50_FPN_1x.yaml (the official vfl_retinanet_r50_fpn_4x4_1
 reasons are written there): L1 box loss, VFL alpha 0.75 gamma 2, SGD lr 0.01 with one group
 (lr and weight decay 1e-4 on every parameter), the data and 1x schedule of vfnet_R_50_FPN_1x.py.
 
-    python tools/lazyconfig_train_net.py --config-file configs/lazy/retinanet_vfl_R_50_FPN_1x.py --num-gpus 8
-    # the focal-loss baseline: model.cls_loss_type=focal; GFL's QFL: model.cls_loss_type=quality_focal
+    python tools/lazyconfig_train_net.py \
+        --config-file configs/lazy/retinanet_vfl_R_50_FPN_1x.py --num-gpus 8
+
+The focal-loss baseline: model.cls_loss_type=focal; GFL's QFL: model.cls_loss_type=quality_focal.
 """
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L

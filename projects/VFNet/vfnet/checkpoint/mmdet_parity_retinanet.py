@@ -40,7 +40,9 @@ def build_mmdet_retinanet(num_classes: int):
     from mmengine.config import Config
 
     register_all_modules()
-    cfg = Config.fromfile(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", MMDET_CONFIG))
+    cfg = Config.fromfile(
+        os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", MMDET_CONFIG)
+    )
     cfg.model.backbone.init_cfg = None  # no download: every tensor is set by perturb_()
     cfg.model.bbox_head.num_classes = num_classes
     return MODELS.build(cfg.model).float().eval()
@@ -55,7 +57,10 @@ def convert_and_load(mm_model, num_classes: int, workdir: str):
     torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": mm_model.state_dict()}, src)
     print(
         convert_retinanet_checkpoint_file(
-            src, dst, os.path.join(REPO, D2_CONFIG), ["MODEL.RETINANET.NUM_CLASSES", str(num_classes)]
+            src,
+            dst,
+            os.path.join(REPO, D2_CONFIG),
+            ["MODEL.RETINANET.NUM_CLASSES", str(num_classes)],
         )
     )
     model = build_model(d2_cfg(D2_CONFIG, num_classes, head="RETINANET")).eval()
@@ -121,7 +126,9 @@ def run_retinanet_parity(
         mm_deltas = mm_reg[i].reshape(n, a, 4, h, w)[:, order].reshape(n, -1, h, w)
         report.add("head", f"logits p{i + 3}", logits[i], mm_logits)
         report.add("head", f"deltas p{i + 3}", deltas[i], mm_deltas)
-    report.objects.update(d2_model=model, mm_model=mm, d2_features=d2_feats, mm_head=(mm_cls, mm_reg))
+    report.objects.update(
+        d2_model=model, mm_model=mm, d2_features=d2_feats, mm_head=(mm_cls, mm_reg)
+    )
 
     # ------------------------------------------------ detections on a real image
     img = read_rgb(image_path)
@@ -158,7 +165,9 @@ def run_retinanet_parity(
     mm_det = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=False)[0]
     mm_orig = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=True)[0]
     report.objects.update(det_images=images, det_original_size=(h0, w0), mm_detections=mm_orig)
-    d2_resized = Instances((h, w), pred_boxes=d2_clipped, scores=d2_det.scores, pred_classes=d2_det.pred_classes)
+    d2_resized = Instances(
+        (h, w), pred_boxes=d2_clipped, scores=d2_det.scores, pred_classes=d2_det.pred_classes
+    )
     for tag, d2r, mmr in (("resized", d2_resized, mm_det), ("original", d2_orig, mm_orig)):
         report.facts[f"detections {tag} (d2, mmdet)"] = (len(d2r), len(mmr))
         if len(d2r) != len(mmr):

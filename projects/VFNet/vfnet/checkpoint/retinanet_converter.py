@@ -49,8 +49,13 @@ __all__ = [
 # A checkpoint without this key has no RetinaHead.
 RETINANET_MARKER_KEY = "bbox_head.retina_cls.weight"
 
-_BACKBONE_AND_NECK = {"stem conv", "stem bn", "block conv", "block bn", "shortcut conv",
-                      "shortcut bn", "bn counter", "fpn lateral", "fpn output", "fpn P6", "fpn P7"}  # fmt: skip
+# VFNet's rules that apply (its ResNet and FPN names; P6 / P7 under the same names).
+# fmt: off
+_BACKBONE_AND_NECK = {
+    "stem conv", "stem bn", "block conv", "block bn", "shortcut conv", "shortcut bn",
+    "bn counter", "fpn lateral", "fpn output", "fpn P6", "fpn P7",
+}
+# fmt: on
 _WB = r"(weight|bias)"
 _SUBNET = {"cls": "cls", "reg": "bbox"}
 PERMUTED = "permuted"  # a prediction conv: renamed, output channels in Detectron2's anchor order
@@ -174,7 +179,9 @@ def convert_retinanet_checkpoint_file(
             )
     elif opts:
         raise ConversionError("config overrides need --config-file.")
-    save_atomic({"model": converted, "__author__": "mmdetection", "matching_heuristics": False}, dst)
+    save_atomic(
+        {"model": converted, "__author__": "mmdetection", "matching_heuristics": False}, dst
+    )
     lines = [
         src,
         f"  RetinaNet: {len(converted)} tensors ({len(report['dropped'])} num_batches_tracked "

@@ -176,7 +176,9 @@ class IoUAwareFCOS(_IoUAwareClassification, FCOS):
         super().__init__(**kwargs)
         self._init_cls_loss(cls_loss_type, vfl_alpha, vfl_gamma, vfl_iou_weighted, qfl_beta)
 
-    def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness):
+    def losses(
+        self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
+    ):
         losses = super().losses(
             anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes, pred_centerness
         )
