@@ -214,7 +214,8 @@ def test_configs_train_for_the_official_epochs():
 
     import vfnet
 
-    demos = {"VFNet_Shapes_Demo.yaml", "VFNet_Raccoon.yaml", "RetinaNet_Shapes_Demo.yaml"}
+    demos = {"VFNet_Shapes_Demo.yaml", "VFNet_Raccoon.yaml", "RetinaNet_Shapes_Demo.yaml",
+             "RetinaNet_VFL_Shapes_Demo.yaml", "RetinaNet_QFL_Shapes_Demo.yaml"}  # fmt: skip
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
     checked = 0
     for path in paths:
@@ -233,7 +234,9 @@ def test_configs_train_for_the_official_epochs():
         assert s.MAX_ITER == epochs * ITERS_PER_EPOCH, path
         assert (s.IMS_PER_BATCH, s.BASE_LR, s.MOMENTUM, s.WEIGHT_DECAY) == (BATCH, BASE_LR, 0.9, WEIGHT_DECAY)
         assert (s.WARMUP_METHOD, s.WARMUP_FACTOR, s.WARMUP_ITERS) == ("linear", 0.1, 500), path
-        assert (s.PARAM_GROUPS, s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS) == ("mmdet", 2.0, 0.0), path
+        # VFNet's paramwise_cfg; the official vfl_retinanet config has none (one group).
+        groups = ("detectron2", 1.0, WEIGHT_DECAY) if name.startswith("RetinaNet") else ("mmdet", 2.0, 0.0)
+        assert (s.PARAM_GROUPS, s.BIAS_LR_FACTOR, s.WEIGHT_DECAY_BIAS) == groups, path
         assert s.WEIGHT_DECAY_NORM == WEIGHT_DECAY, path
         checked += 1
     assert checked >= 20  # the base configs, the models, the ablations, configs/mmdet

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """
 Convert an MMDetection VarifocalNet checkpoint (e.g. the official
-``vfnet_r50_fpn_1x_coco_20201027-38db6f58.pth``) to a Detectron2 checkpoint of this project.
+``vfnet_r50_fpn_1x_coco_20201027-38db6f58.pth``) to a Detectron2 checkpoint of this project, or
+with ``--arch retinanet`` an MMDetection RetinaNet (the official RetinaNet + FL / + VFL models)
+to Detectron2's RetinaNet.
 
     python tools/convert_mmdet_to_d2.py IN.pth OUT.pth \
         [--config-file configs/mmdet/VFNet_R_50_FPN_1x.yaml] [KEY VALUE ...]
+    python tools/convert_mmdet_to_d2.py --arch retinanet IN.pth OUT.pth \
+        [--config-file configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml]
 
 The output is ``{"model": state_dict, "__author__": "mmdetection", "matching_heuristics":
 False}``: ``DetectionCheckpointer(model).load(OUT)`` loads it by exact names (no heuristic
@@ -32,6 +36,9 @@ if importlib.util.find_spec("vfnet") is None:  # not installed: use the source t
         0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects", "VFNet")
     )
 from vfnet.checkpoint.converter import ConversionError, convert_checkpoint_file  # noqa: E402
+from vfnet.checkpoint.retinanet_converter import convert_retinanet_checkpoint_file  # noqa: E402
+
+CONVERTERS = {"vfnet": convert_checkpoint_file, "retinanet": convert_retinanet_checkpoint_file}
 
 
 def main(argv=None):
@@ -42,6 +49,12 @@ def main(argv=None):
     parser.add_argument("output", help="Detectron2 checkpoint to write (.pth)")
     parser.add_argument(
         "--config-file", default="", help="check keys and shapes against this config's model"
+    )
+    parser.add_argument(
+        "--arch",
+        choices=sorted(CONVERTERS),
+        default="vfnet",
+        help="the checkpoint's detector: VarifocalNet, or RetinaNet (ResNet-FPN, RetinaHead)",
     )
     parser.add_argument(
         "--allow-unsafe-pickle",
@@ -58,9 +71,11 @@ def main(argv=None):
     )
     args = parser.parse_intermixed_args(argv)
     try:
-        summary = convert_checkpoint_file(
-            args.input, args.output, args.config_file, args.opts, args.allow_unsafe_pickle,
-            args.imagenet,
+        if args.imagenet and args.arch != "vfnet":
+            raise ConversionError("--imagenet converts a Res2Net ImageNet backbone: not with --arch retinanet")
+        extra = (args.imagenet,) if args.arch == "vfnet" else ()
+        summary = CONVERTERS[args.arch](
+            args.input, args.output, args.config_file, args.opts, args.allow_unsafe_pickle, *extra
         )
     except ConversionError as e:
         raise SystemExit(f"error: {e}")

@@ -1,7 +1,8 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
 `DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.PARAM_GROUPS`,
-`SOLVER.SWA.*`, `TEST.GALLERY.*`, `MODEL.RES2NET.*`) and their defaults.
+`SOLVER.SWA.*`, `TEST.GALLERY.*`, `MODEL.RES2NET.*`), the IoU-aware losses of `MODEL.RETINANET`
+and their defaults.
 """
 from detectron2.config import CfgNode as CN
 
@@ -68,6 +69,21 @@ def add_vfnet_config(cfg):
     # MODEL.RESNETS.DEPTH, NORM, OUT_FEATURES, DEFORM_*): each bottleneck splits its channels into
     # SCALES groups of BASE_WIDTH x 2**(stage) channels (res2: 26, res3: 52, ...), "26w x 4s".
     cfg.MODEL.RES2NET = CN({"SCALES": 4, "BASE_WIDTH": 26})
+    # The classification loss of the meta-architecture "IoUAwareRetinaNet" (Detectron2's RetinaNet,
+    # vfnet/modeling/meta_arch/iou_aware_dense.py; Detectron2's "RetinaNet" ignores these keys):
+    # "focal" (Detectron2's, FOCAL_LOSS_ALPHA, FOCAL_LOSS_GAMMA), "varifocal" (VarifocalNet's, on
+    # IoU-aware targets: the IoU of each positive's decoded predicted box with its ground truth;
+    # VFL_ALPHA, VFL_GAMMA, VFL_IOU_WEIGHTED as the official vfl_retinanet config) or
+    # "quality_focal" (GFL's, same targets, exponent QFL_BETA).
+    cfg.MODEL.RETINANET.CLS_LOSS_TYPE = "varifocal"
+    cfg.MODEL.RETINANET.VFL_ALPHA = 0.75
+    cfg.MODEL.RETINANET.VFL_GAMMA = 2.0
+    cfg.MODEL.RETINANET.VFL_IOU_WEIGHTED = True
+    cfg.MODEL.RETINANET.QFL_BETA = 2.0
+    # IoUAwareRetinaNet's inference: clip the candidate boxes to the image and drop the empty ones
+    # before the NMS, as MMDetection's RetinaHead (configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml, for
+    # its converted weights); False: Detectron2's RetinaNet (clipped after the NMS).
+    cfg.MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS = False
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET

@@ -184,6 +184,18 @@ def build_mmdet_model(variant: str, num_classes: int):
     return model.float().eval(), cfg
 
 
+# The prediction convs of VFNetHead and RetinaHead: smaller weights (plausible boxes), and for the
+# classifiers a bias of a low prior (a few hundred scores above the test threshold).
+PREDICTION_CONV_STDS = {
+    "vfnet_reg": 0.01,
+    "vfnet_reg_refine": 0.01,
+    "vfnet_cls": 0.02,
+    "retina_reg": 0.01,
+    "retina_cls": 0.02,
+}
+CLASSIFIERS = ("vfnet_cls", "retina_cls")
+
+
 @torch.no_grad()
 def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
     """
@@ -202,13 +214,11 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
         t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
 
     head = getattr(model, "bbox_head", None)
-    special_std = {}
-    if head is not None:
-        special_std = {
-            id(head.vfnet_reg.weight): 0.01,
-            id(head.vfnet_reg_refine.weight): 0.01,
-            id(head.vfnet_cls.weight): 0.02,
-        }
+    special_std = {
+        id(getattr(head, name).weight): std
+        for name, std in PREDICTION_CONV_STDS.items()
+        if hasattr(head, name)
+    }
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             uniform_(module.weight, 0.4, 0.9)
@@ -235,14 +245,15 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
                 bias = getattr(module, "bias", None)
                 if isinstance(bias, torch.nn.Parameter):
                     normal_(bias, 0.1)
-    if head is not None:
-        uniform_(head.vfnet_cls.bias, -4.0, -3.0)
+    for name in CLASSIFIERS:
+        if hasattr(head, name):
+            uniform_(getattr(head, name).bias, -4.0, -3.0)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise RuntimeError(f"perturb_ left {name} non-finite")
 
 
-def d2_cfg(config_file: str, num_classes: int):
+def d2_cfg(config_file: str, num_classes: int, head: str = "VFNET"):
     from detectron2.config import get_cfg
 
     from ..config import add_vfnet_config
@@ -250,7 +261,7 @@ def d2_cfg(config_file: str, num_classes: int):
     cfg = get_cfg()
     add_vfnet_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, config_file))
-    cfg.MODEL.VFNET.NUM_CLASSES = num_classes
+    cfg.MODEL[head].NUM_CLASSES = num_classes
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     return cfg

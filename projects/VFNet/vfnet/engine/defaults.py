@@ -64,7 +64,8 @@ def check_datasets(cfg, keys=("TRAIN", "TEST")):
     registered = set(DatasetCatalog.list())
     # The config node that holds the model's number of classes (train_net also trains
     # Detectron2's RetinaNet, for comparisons).
-    head = {"VFNet": "VFNET", "RetinaNet": "RETINANET"}.get(cfg.MODEL.META_ARCHITECTURE, "VFNET")
+    retina = {"RetinaNet": "RETINANET", "IoUAwareRetinaNet": "RETINANET"}
+    head = {"VFNet": "VFNET", **retina}.get(cfg.MODEL.META_ARCHITECTURE, "VFNET")
     for key in keys:
         for name in cfg.DATASETS[key]:
             if name not in registered:

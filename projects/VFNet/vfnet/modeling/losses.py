@@ -1,6 +1,6 @@
 """
 Losses of VarifocalNet: the varifocal loss on IoU-aware classification scores and the
-IoU-weighted GIoU loss on boxes.
+IoU-weighted GIoU loss on boxes; GFL's quality focal loss, the comparison on the same targets.
 Pure torch (no Detectron2).
 """
 from typing import Tuple
@@ -51,6 +51,26 @@ def varifocal_loss(
     if reduction == "none":
         return loss
     raise ValueError(f"Unknown reduction '{reduction}': expected 'none', 'sum' or 'mean'.")
+
+
+def quality_focal_loss(logits: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
+    """
+    Quality focal loss (Li et al., "Generalized Focal Loss", eq. 5), summed, in float32.
+
+    The binary cross-entropy of p = sigmoid(logit) against the IoU-aware target q, weighted by
+    |q - p| ** beta: the same modulation for positives (q > 0) and negatives (q = 0).
+
+    Args:
+        logits: (..., K) classification logits.
+        targets: (..., K) targets q in [0, 1], same shape as `logits`.
+
+    Returns:
+        Scalar, the sum over all elements.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = targets.to(logits.dtype)
+    weight = (targets - logits.sigmoid()).abs().pow(beta)
+    return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight).sum()
 
 
 def iou_weighted_giou_loss(pred_boxes: Tensor, target_boxes: Tensor) -> Tuple[Tensor, Tensor]:

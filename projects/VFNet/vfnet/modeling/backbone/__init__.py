@@ -5,3 +5,4 @@ from .resnet_fpn import (
     AnyDeviceModulatedDeformConv,
     build_vfnet_resnet_fpn_backbone,
 )
+from .retinanet_fpn import LastLevelP6P7WithoutReLU, build_mmdet_retinanet_resnet_fpn_backbone

@@ -1,0 +1,181 @@
+"""
+Parity of converted RetinaNet checkpoints (vfnet/checkpoint/retinanet_converter.py) with
+MMDetection 3.3's RetinaNet, for tests/test_mmdet_parity_retinanet.py: MMDetection's RetinaNet
+of its configs/retinanet/retinanet_r50_fpn_1x_coco.py (the official RetinaNet + FL / + VFL
+architecture) with every tensor perturbed (`mmdet_parity.perturb_`), converted, loaded into
+Detectron2's RetinaNet of configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml, and compared: anchors,
+features, per-level head outputs, detections. Imports MMDetection, mmengine, mmcv, Detectron2.
+"""
+import contextlib
+import os
+import tempfile
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .mmdet_parity import (
+    DEFAULT_IMAGE,
+    REPO,
+    Report,
+    d2_cfg,
+    install_mmcv_ops_standins,
+    match_detections,
+    perturb_,
+    read_rgb,
+    resize_like_mmdet,
+    training_batch,
+)
+from .retinanet_converter import convert_retinanet_checkpoint_file
+
+MMDET_CONFIG = os.path.join("retinanet", "retinanet_r50_fpn_1x_coco.py")
+D2_CONFIG = "configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml"
+
+
+def build_mmdet_retinanet(num_classes: int):
+    install_mmcv_ops_standins()
+    import mmdet
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    register_all_modules()
+    cfg = Config.fromfile(
+        os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", MMDET_CONFIG)
+    )
+    cfg.model.backbone.init_cfg = None  # no download: every tensor is set by perturb_()
+    cfg.model.bbox_head.num_classes = num_classes
+    return MODELS.build(cfg.model).float().eval()
+
+
+def convert_and_load(mm_model, num_classes: int, workdir: str):
+    """Save, convert as tools/convert_mmdet_to_d2.py --arch retinanet, build and load."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    src, dst = os.path.join(workdir, "mmdet_retinanet.pth"), os.path.join(workdir, "d2.pth")
+    torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": mm_model.state_dict()}, src)
+    print(
+        convert_retinanet_checkpoint_file(
+            src,
+            dst,
+            os.path.join(REPO, D2_CONFIG),
+            ["MODEL.RETINANET.NUM_CLASSES", str(num_classes)],
+        )
+    )
+    model = build_model(d2_cfg(D2_CONFIG, num_classes, head="RETINANET")).eval()
+    incompatible = DetectionCheckpointer(model)._load_model(torch.load(dst, weights_only=True))
+    return model, incompatible, torch.load(dst, weights_only=True)["model"]
+
+
+def mmdet_anchor_order(d2_cell: torch.Tensor, mm_base: torch.Tensor) -> torch.Tensor:
+    """(A,) for each Detectron2 cell anchor the index of the equal MMDetection base anchor."""
+    return (d2_cell[:, None] - mm_base[None]).abs().amax(dim=2).argmin(dim=1)
+
+
+@torch.no_grad()
+def run_retinanet_parity(
+    num_classes: int = 3,
+    seed: int = 0,
+    image_path: Optional[str] = DEFAULT_IMAGE,
+    det_scale: Tuple[int, int] = (448, 256),
+) -> Report:
+    from detectron2.modeling.postprocessing import detector_postprocess
+    from detectron2.structures import Boxes, Instances
+
+    report = Report()
+    report.facts["mmcv kernels"] = install_mmcv_ops_standins()
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory())
+        mm = build_mmdet_retinanet(num_classes)
+        fresh = {k: v.clone() for k, v in mm.state_dict().items()}
+        perturb_(mm, seed)
+        unchanged = [k for k, v in mm.state_dict().items() if torch.equal(v, fresh[k])]
+        report.facts["mmdet tensors left at their default"] = unchanged or "none"
+        model, incompatible, converted = convert_and_load(mm, num_classes, workdir)
+    report.facts["load: missing/unexpected"] = (
+        list(incompatible.missing_keys),
+        list(incompatible.unexpected_keys),
+    )
+    sd = model.state_dict()
+    report.facts["d2 tensors not equal to the converted ones"] = [
+        k for k in sd if not torch.equal(sd[k], converted[k])
+    ] or "none"
+
+    # ------------------------------------------------ anchors, features and head outputs
+    x = model.preprocess_image(training_batch(image_path, num_classes=num_classes)).tensor
+    d2_feats = model.backbone(x)
+    mm_feats = mm.extract_feat(x)
+    for i, f in enumerate(model.head_in_features):
+        report.add("features", f, d2_feats[f], mm_feats[i])
+    d2_feats = [d2_feats[f] for f in model.head_in_features]
+    logits, deltas = model.head(d2_feats)
+    mm_cls, mm_reg = mm.bbox_head(mm_feats)
+    orders = []
+    for i, (d2_cell, mm_base) in enumerate(
+        zip(model.anchor_generator.cell_anchors, mm.bbox_head.prior_generator.base_anchors)
+    ):
+        order = mmdet_anchor_order(d2_cell, mm_base)
+        report.add("anchors", f"cell anchors p{i + 3}", d2_cell, mm_base[order])
+        orders.append(order)
+    report.facts["anchor orders (mmdet index of each d2 anchor)"] = [o.tolist() for o in orders]
+    for i, order in enumerate(orders):
+        n, _, h, w = mm_cls[i].shape
+        a = len(order)
+        mm_logits = mm_cls[i].reshape(n, a, -1, h, w)[:, order].reshape(n, -1, h, w)
+        mm_deltas = mm_reg[i].reshape(n, a, 4, h, w)[:, order].reshape(n, -1, h, w)
+        report.add("head", f"logits p{i + 3}", logits[i], mm_logits)
+        report.add("head", f"deltas p{i + 3}", deltas[i], mm_deltas)
+    report.objects.update(
+        d2_model=model, mm_model=mm, d2_features=d2_feats, mm_head=(mm_cls, mm_reg)
+    )
+
+    # ------------------------------------------------ detections on a real image
+    img = read_rgb(image_path)
+    h0, w0 = img.shape[:2]
+    resized = resize_like_mmdet(img, det_scale)
+    h, w = resized.shape[:2]
+    image = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
+    images = model.preprocess_image([{"image": image, "height": h0, "width": w0}])
+    feats = model.backbone(images.tensor)
+    feats = [feats[f] for f in model.head_in_features]
+    d2_det = model.forward_inference(images, feats, model.head(feats))[0]
+    # Detectron2's RetinaNet clips in detector_postprocess, MMDetection's at decoding: compare
+    # the resized image's boxes clipped.
+    d2_clipped = Boxes(d2_det.pred_boxes.tensor.clone())
+    d2_clipped.clip((h, w))
+    d2_orig = detector_postprocess(
+        Instances(
+            d2_det.image_size,
+            pred_boxes=Boxes(d2_det.pred_boxes.tensor.clone()),
+            scores=d2_det.scores,
+            pred_classes=d2_det.pred_classes,
+        ),
+        h0,
+        w0,
+    )
+    meta = dict(
+        img_shape=(h, w),
+        ori_shape=(h0, w0),
+        scale_factor=(w / w0, h / h0),
+        pad_shape=tuple(images.tensor.shape[-2:]),
+        batch_input_shape=tuple(images.tensor.shape[-2:]),
+    )
+    mm_out = mm.bbox_head(mm.extract_feat(images.tensor))
+    mm_det = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=False)[0]
+    mm_orig = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=True)[0]
+    report.objects.update(det_images=images, det_original_size=(h0, w0), mm_detections=mm_orig)
+    d2_resized = Instances(
+        (h, w), pred_boxes=d2_clipped, scores=d2_det.scores, pred_classes=d2_det.pred_classes
+    )
+    for tag, d2r, mmr in (("resized", d2_resized, mm_det), ("original", d2_orig, mm_orig)):
+        report.facts[f"detections {tag} (d2, mmdet)"] = (len(d2r), len(mmr))
+        if len(d2r) != len(mmr):
+            continue
+        (b1, s1, l1), (b2, s2, l2) = match_detections(
+            d2r.pred_boxes.tensor, d2r.scores, d2r.pred_classes, mmr.bboxes, mmr.scores, mmr.labels
+        )
+        report.add("detections", f"boxes ({tag} image, px)", b1, b2)
+        report.add("detections", f"scores ({tag} image)", s1, s2)
+        report.facts[f"detections {tag} same classes"] = bool(torch.equal(l1, l2))
+    return report
