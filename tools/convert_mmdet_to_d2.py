@@ -72,7 +72,7 @@ def main(argv=None):
     args = parser.parse_intermixed_args(argv)
     try:
         if args.imagenet and args.arch != "vfnet":
-            raise ConversionError("--imagenet converts a Res2Net ImageNet backbone: not with --arch retinanet")
+            raise ConversionError("--imagenet (an ImageNet Res2Net backbone) is not for --arch retinanet")
         extra = (args.imagenet,) if args.arch == "vfnet" else ()
         summary = CONVERTERS[args.arch](
             args.input, args.output, args.config_file, args.opts, args.allow_unsafe_pickle, *extra
