@@ -1,7 +1,7 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
 `DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.PARAM_GROUPS`,
-`SOLVER.SWA.*`, `TEST.GALLERY.*`) and their defaults.
+`SOLVER.SWA.*`, `TEST.GALLERY.*`, `MODEL.BACKBONE.NORM_EVAL`) and their defaults.
 """
 from detectron2.config import CfgNode as CN
 
@@ -64,6 +64,12 @@ def add_vfnet_config(cfg):
     # (OUTPUT_DIR/losses.png, lr.png, ap.png); 0 images: none.
     cfg.TEST.GALLERY = CN({"NUM_IMAGES": 0, "SCORE_THRESH": 0.3, "COLUMNS": 4})
 
+    # The BatchNorm layers of the bottom-up backbone (MODEL.RESNETS.NORM "BN"/"SyncBN") normalise
+    # with their running statistics and never update them, in training too, while their weight
+    # and bias train: the official norm_eval=True with BN(requires_grad=True)
+    # (vfnet/layers/batch_norm.py). Detectron2's FrozenBN freezes the affine as well.
+    cfg.MODEL.BACKBONE.NORM_EVAL = False
+
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET
     v.NUM_CLASSES = 80
@@ -101,6 +107,10 @@ def add_vfnet_config(cfg):
     v.ATSS = CN()
     v.ATSS.TOPK = 9
     v.ATSS.ANCHOR_SCALE = 8
+    # Per image, only the anchors centered inside the image padded to a multiple of SIZE_DIVISOR
+    # take part in ATSS (the official valid flags of its padded shape, size divisor 32); 0: all
+    # anchors of the padded batch (vfnet/modeling/atss.py).
+    v.ATSS.SIZE_DIVISOR = 32
 
     # Inference
     v.TEST_SCORE_THRESH = 0.05

@@ -375,7 +375,9 @@ def training_batch(image_path: Optional[str], size=(256, 384), num_classes: int 
     return batch
 
 
-def mmdet_samples(batch, pad_shape):
+def mmdet_samples(batch, batch_shape):
+    """MMDetection's data samples of `batch` padded to `batch_shape`; each image's own pad_shape
+    is its size padded to a multiple of 32, as MMDetection's data preprocessor gives it."""
     from mmdet.structures import DetDataSample
     from mmengine.structures import InstanceData
 
@@ -386,8 +388,8 @@ def mmdet_samples(batch, pad_shape):
             metainfo=dict(
                 img_shape=tuple(inst.image_size),
                 ori_shape=tuple(inst.image_size),
-                pad_shape=tuple(pad_shape),
-                batch_input_shape=tuple(pad_shape),
+                pad_shape=tuple(-(-int(x) // 32) * 32 for x in inst.image_size),
+                batch_input_shape=tuple(batch_shape),
                 scale_factor=(1.0, 1.0),
             )
         )
@@ -527,7 +529,9 @@ def run_parity(
         # ------------------------------------------------ ATSS assignment
         gt_instances = [b["instances"] for b in batch]
         anchors = model.anchor_generator(d2_feats)
-        gt_labels, gt_boxes = model.label_anchors(anchors, gt_instances)
+        gt_labels, gt_boxes = model.label_anchors(
+            anchors, gt_instances, [b["instances"].image_size for b in batch]
+        )
         samples = mmdet_samples(batch, x.shape[-2:])
         from mmdet.models.utils import unpack_gt_instances
 
