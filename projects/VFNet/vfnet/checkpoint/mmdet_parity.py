@@ -78,6 +78,30 @@ def _ext_standin() -> types.ModuleType:
             )
         )
 
+    def deform_conv_grads(input, offset, weight, grad_output, kw):
+        """Gradients of (input, offset, weight) of torchvision's deform_conv2d (mmcv's backward)."""
+        with torch.enable_grad():
+            i, o, w = (t.detach().requires_grad_() for t in (input, offset, weight))
+            out = deform_conv2d(
+                i, o, w, None, stride=(kw["dH"], kw["dW"]), padding=(kw["padH"], kw["padW"]),
+                dilation=(kw["dilationH"], kw["dilationW"]),
+            )
+            return torch.autograd.grad(out, (i, o, w), grad_output)
+
+    def deform_conv_backward_input(
+        input, offset, grad_output, grad_input, grad_offset, weight, columns, **kw
+    ):
+        gi, go, _ = deform_conv_grads(input, offset, weight, grad_output, kw)
+        grad_input.copy_(gi)
+        grad_offset.copy_(go)
+
+    def deform_conv_backward_parameters(
+        input, offset, grad_output, grad_weight, columns, ones, *, scale, **kw
+    ):
+        # The output is linear in the weight: its gradient does not depend on the weight's value.
+        _, _, gw = deform_conv_grads(input, offset, torch.zeros_like(grad_weight), grad_output, kw)
+        grad_weight.add_(gw, alpha=scale)
+
     def modulated_deform_conv_forward(
         input,
         weight,
@@ -119,6 +143,8 @@ def _ext_standin() -> types.ModuleType:
         return nms(bboxes.float(), scores.float(), iou_threshold)
 
     ext.deform_conv_forward = deform_conv_forward
+    ext.deform_conv_backward_input = deform_conv_backward_input
+    ext.deform_conv_backward_parameters = deform_conv_backward_parameters
     ext.modulated_deform_conv_forward = modulated_deform_conv_forward
     ext.nms = nms_forward
 
