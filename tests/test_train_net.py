@@ -157,8 +157,8 @@ def test_optimizer_groups_follow_the_official_recipe(config, opts, param_groups)
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
-                kind = f"{type(module).__name__} {name}"
+            if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):  # frozen-statistics BN too
+                kind = f"{'BatchNorm2d' if isinstance(module, nn.BatchNorm2d) else 'GroupNorm'} {name}"
             elif module_name.endswith(("conv2_offset", ".conv_offset")):
                 assert isinstance(module, nn.Conv2d)
                 kind = f"offset conv {name}"

@@ -25,6 +25,7 @@ from detectron2.solver import WarmupParamScheduler
 from vfnet.data.build import build_resumable_train_loader
 from vfnet.data.mapper import VFNetDatasetMapper
 from vfnet.evaluation import VFNetCOCOEvaluator
+from vfnet.layers import freeze_batchnorm_statistics
 from vfnet.modeling.atss import ATSSMatcher
 from vfnet.modeling.meta_arch.vfnet import VFNet
 from vfnet.modeling.vfnet_head import VFNetHead
@@ -39,11 +40,15 @@ STRIDES = [8, 16, 32, 64, 128]
 # location (MODEL.VFNET.ATSS.ANCHOR_SCALE 8, TOPK 9), the losses and the inference settings.
 model = L(VFNet)(
     backbone=L(FPN)(
-        bottom_up=L(ResNet)(
-            stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
-            stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=True, norm="FrozenBN"),
-            out_features=["res3", "res4", "res5"],
-            freeze_at=2,
+        # BN with frozen statistics and trained affine (MODEL.BACKBONE.NORM_EVAL, official
+        # norm_eval); stem and res2 frozen (FrozenBN).
+        bottom_up=L(freeze_batchnorm_statistics)(
+            module=L(ResNet)(
+                stem=L(BasicStem)(in_channels=3, out_channels=64, norm="BN"),
+                stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=True, norm="BN"),
+                out_features=["res3", "res4", "res5"],
+                freeze_at=2,
+            )
         ),
         in_features=["res3", "res4", "res5"],
         out_channels=256,
@@ -69,7 +74,7 @@ model = L(VFNet)(
     anchor_generator=L(DefaultAnchorGenerator)(
         sizes=[[8 * s] for s in STRIDES], aspect_ratios=[1.0], strides=STRIDES, offset=0.0
     ),
-    anchor_matcher=L(ATSSMatcher)(topk=9),
+    anchor_matcher=L(ATSSMatcher)(topk=9, size_divisor=32),
     num_classes=80,
     use_vfl=True,
     vfl_alpha=0.75,

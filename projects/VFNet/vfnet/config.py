@@ -1,8 +1,8 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
 `DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.PARAM_GROUPS`,
-`SOLVER.SWA.*`, `TEST.GALLERY.*`, `MODEL.RES2NET.*`), the IoU-aware losses of `MODEL.RETINANET`
-and their defaults.
+`SOLVER.SWA.*`, `TEST.GALLERY.*`, `MODEL.RES2NET.*`, `MODEL.BACKBONE.NORM_EVAL`), the IoU-aware losses
+of `MODEL.RETINANET` and their defaults.
 """
 from detectron2.config import CfgNode as CN
 
@@ -84,6 +84,11 @@ def add_vfnet_config(cfg):
     # before the NMS, as MMDetection's RetinaHead (configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml, for
     # its converted weights); False: Detectron2's RetinaNet (clipped after the NMS).
     cfg.MODEL.RETINANET.CLIP_BOXES_BEFORE_NMS = False
+    # The BatchNorm layers of the bottom-up backbone (MODEL.RESNETS.NORM "BN"/"SyncBN") normalise
+    # with their running statistics and never update them, in training too, while their weight
+    # and bias train: the official norm_eval=True with BN(requires_grad=True)
+    # (vfnet/layers/batch_norm.py). Detectron2's FrozenBN freezes the affine as well.
+    cfg.MODEL.BACKBONE.NORM_EVAL = False
 
     cfg.MODEL.VFNET = CN()
     v = cfg.MODEL.VFNET
@@ -122,6 +127,10 @@ def add_vfnet_config(cfg):
     v.ATSS = CN()
     v.ATSS.TOPK = 9
     v.ATSS.ANCHOR_SCALE = 8
+    # Per image, only the anchors centered inside the image padded to a multiple of SIZE_DIVISOR
+    # take part in ATSS (the official valid flags of its padded shape, size divisor 32); 0: all
+    # anchors of the padded batch (vfnet/modeling/atss.py).
+    v.ATSS.SIZE_DIVISOR = 32
 
     # Inference
     v.TEST_SCORE_THRESH = 0.05

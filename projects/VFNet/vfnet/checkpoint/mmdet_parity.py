@@ -83,6 +83,30 @@ def _ext_standin() -> types.ModuleType:
             )
         )
 
+    def deform_conv_grads(input, offset, weight, grad_output, kw):
+        """Gradients of (input, offset, weight) of torchvision's deform_conv2d (mmcv's backward)."""
+        with torch.enable_grad():
+            i, o, w = (t.detach().requires_grad_() for t in (input, offset, weight))
+            out = deform_conv2d(
+                i, o, w, None, stride=(kw["dH"], kw["dW"]), padding=(kw["padH"], kw["padW"]),
+                dilation=(kw["dilationH"], kw["dilationW"]),
+            )
+            return torch.autograd.grad(out, (i, o, w), grad_output)
+
+    def deform_conv_backward_input(
+        input, offset, grad_output, grad_input, grad_offset, weight, columns, **kw
+    ):
+        gi, go, _ = deform_conv_grads(input, offset, weight, grad_output, kw)
+        grad_input.copy_(gi)
+        grad_offset.copy_(go)
+
+    def deform_conv_backward_parameters(
+        input, offset, grad_output, grad_weight, columns, ones, *, scale, **kw
+    ):
+        # The output is linear in the weight: its gradient does not depend on the weight's value.
+        _, _, gw = deform_conv_grads(input, offset, torch.zeros_like(grad_weight), grad_output, kw)
+        grad_weight.add_(gw, alpha=scale)
+
     def modulated_deform_conv_forward(
         input,
         weight,
@@ -124,6 +148,8 @@ def _ext_standin() -> types.ModuleType:
         return nms(bboxes.float(), scores.float(), iou_threshold)
 
     ext.deform_conv_forward = deform_conv_forward
+    ext.deform_conv_backward_input = deform_conv_backward_input
+    ext.deform_conv_backward_parameters = deform_conv_backward_parameters
     ext.modulated_deform_conv_forward = modulated_deform_conv_forward
     ext.nms = nms_forward
 
@@ -391,7 +417,9 @@ def training_batch(image_path: Optional[str], size=(256, 384), num_classes: int 
     return batch
 
 
-def mmdet_samples(batch, pad_shape):
+def mmdet_samples(batch, batch_shape):
+    """MMDetection's data samples of `batch` padded to `batch_shape`; each image's own pad_shape
+    is its size padded to a multiple of 32, as MMDetection's data preprocessor gives it."""
     from mmdet.structures import DetDataSample
     from mmengine.structures import InstanceData
 
@@ -402,8 +430,8 @@ def mmdet_samples(batch, pad_shape):
             metainfo=dict(
                 img_shape=tuple(inst.image_size),
                 ori_shape=tuple(inst.image_size),
-                pad_shape=tuple(pad_shape),
-                batch_input_shape=tuple(pad_shape),
+                pad_shape=tuple(-(-int(x) // 32) * 32 for x in inst.image_size),
+                batch_input_shape=tuple(batch_shape),
                 scale_factor=(1.0, 1.0),
             )
         )
@@ -543,7 +571,9 @@ def run_parity(
         # ------------------------------------------------ ATSS assignment
         gt_instances = [b["instances"] for b in batch]
         anchors = model.anchor_generator(d2_feats)
-        gt_labels, gt_boxes = model.label_anchors(anchors, gt_instances)
+        gt_labels, gt_boxes = model.label_anchors(
+            anchors, gt_instances, [b["instances"].image_size for b in batch]
+        )
         samples = mmdet_samples(batch, x.shape[-2:])
         from mmdet.models.utils import unpack_gt_instances
 

@@ -2,6 +2,7 @@
 Operators with no model knowledge. They import no Detectron2 (the Detectron2 kernel of
 `DeformConv2d` is imported when it runs).
 """
+from .batch_norm import FrozenStatsBatchNorm2d, freeze_batchnorm_statistics
 from .deform_conv import (
     DEFORM_CONV_IMPLS,
     DeformConv2d,

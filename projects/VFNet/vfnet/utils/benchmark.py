@@ -197,7 +197,7 @@ def vfnet_training_split(model, optimizer, batch, args):
             )
             anchors = model.anchor_generator(features)
             gt = [x["instances"].to(model.device) for x in batch]
-            gt_labels, gt_boxes = model.label_anchors(anchors, gt)
+            gt_labels, gt_boxes = model.label_anchors(anchors, gt, images.image_sizes)
             t3 = clock()
             losses = model.losses(anchors, logits, boxes_init, boxes_refine, gt_labels, gt_boxes)
             t4 = clock()
@@ -223,7 +223,7 @@ def measure_atss(num_boxes, size, args):
     g = torch.Generator().manual_seed(0)
     gt = [random_instances(h, w, num_boxes, generator=g).to(args.device) for _ in range(2)]
     before = peak_memory_mb(args.device)
-    seconds = timed(lambda: model.label_anchors(anchors, gt), args)
+    seconds = timed(lambda: model.label_anchors(anchors, gt, [size] * 2), args)
     return {"seconds": seconds, "extra_memory_mb": peak_memory_mb(args.device) - before,
             "locations": sum(len(a) for a in anchors)}  # fmt: skip
 

@@ -17,6 +17,7 @@ from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import ResNet
 
+from ...layers.batch_norm import freeze_batchnorm_statistics
 from .resnet_fpn import AnyDeviceDeformConv, AnyDeviceModulatedDeformConv, vfnet_fpn
 
 __all__ = [
@@ -220,7 +221,10 @@ def build_res2net_backbone(cfg, input_shape: ShapeSpec):
             )
         )
         in_channels = out_channels
-    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    backbone = ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    if cfg.MODEL.BACKBONE.NORM_EVAL:
+        freeze_batchnorm_statistics(backbone)
+    return backbone
 
 
 @BACKBONE_REGISTRY.register()

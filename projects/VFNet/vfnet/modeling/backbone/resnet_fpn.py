@@ -11,6 +11,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, Backbone, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
+from ...layers.batch_norm import freeze_batchnorm_statistics
 from ...layers.deform_conv import detectron2_kernel_inputs, finite_offsets
 
 
@@ -62,7 +63,10 @@ def build_vfnet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
     ResNet + FPN on res3-res5 with P6 = conv3x3/s2(P5) and P7 = conv3x3/s2(ReLU(P6)), as the
     official VarifocalNet (P6 from the P5 *output*, unlike RetinaNet's P6 from C5). The
-    deformable convs of the DCN variants (MODEL.RESNETS.DEFORM_ON_PER_STAGE) run on CPU too.
+    deformable convs of the DCN variants (MODEL.RESNETS.DEFORM_ON_PER_STAGE) run on CPU too. With
+    MODEL.BACKBONE.NORM_EVAL, the BatchNorm layers of the ResNet (MODEL.RESNETS.NORM "BN" or
+    "SyncBN") keep their running statistics and train their affine (MMDetection's norm_eval);
+    the stages frozen by MODEL.BACKBONE.FREEZE_AT are FrozenBN as always.
 
     Returns:
         Backbone with outputs p3-p7 (strides 8-128) of MODEL.FPN.OUT_CHANNELS channels.
@@ -74,6 +78,8 @@ def build_vfnet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
             module.__class__ = AnyDeviceModulatedDeformConv
         elif type(module) is DeformConv:
             module.__class__ = AnyDeviceDeformConv
+    if cfg.MODEL.BACKBONE.NORM_EVAL:
+        freeze_batchnorm_statistics(bottom_up)
     return vfnet_fpn(cfg, bottom_up)
 
 

@@ -290,7 +290,7 @@ class VFNet(DenseDetector):
                 strides=strides,
                 offset=0.0,
             ),
-            "anchor_matcher": ATSSMatcher(v.ATSS.TOPK),
+            "anchor_matcher": ATSSMatcher(v.ATSS.TOPK, v.ATSS.SIZE_DIVISOR),
             "num_classes": v.NUM_CLASSES,
             "use_vfl": v.USE_VFL,
             "vfl_alpha": v.VFL_ALPHA,
@@ -339,7 +339,7 @@ class VFNet(DenseDetector):
         )
         check_inputs_are_finite(images, gt_instances)
         anchors = self.anchor_generator(features)
-        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances, images.image_sizes)
         losses = self.losses(anchors, logits, boxes_init, boxes_refine, gt_labels, gt_boxes)
         check_losses_are_finite(
             losses,
@@ -351,10 +351,14 @@ class VFNet(DenseDetector):
 
     @torch.no_grad()
     def label_anchors(
-        self, anchors: List[Boxes], gt_instances: List[Instances]
+        self,
+        anchors: List[Boxes],
+        gt_instances: List[Instances],
+        image_sizes: List[Tuple[int, int]],
     ) -> Tuple[List[Tensor], List[Tensor]]:
         """
-        Assign the locations of every image with ATSS.
+        Assign the locations of every image with ATSS, over the image's own (height, width)
+        `image_sizes` (before padding) as the matcher's size divisor gives it.
 
         Returns:
             gt_labels: per image, (R,) class of the box assigned to each location, or
@@ -364,9 +368,9 @@ class VFNet(DenseDetector):
         num_anchors_per_level = [len(a) for a in anchors]
         anchors = Boxes.cat(anchors).tensor
         gt_labels, gt_boxes = [], []
-        for inst in gt_instances:
+        for inst, image_size in zip(gt_instances, image_sizes):
             boxes = inst.gt_boxes.tensor
-            matched = self.anchor_matcher(anchors, num_anchors_per_level, boxes)
+            matched = self.anchor_matcher(anchors, num_anchors_per_level, boxes, image_size)
             if len(inst) > 0:
                 labels = inst.gt_classes[matched.clamp(min=0)]
                 labels[matched < 0] = self.num_classes
