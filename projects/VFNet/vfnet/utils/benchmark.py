@@ -129,7 +129,7 @@ def measure_inference(name, args):
     result = {}
     with torch.no_grad(), autocast(args):
         result["total"] = timed(lambda: model(inputs), args)
-        if name == "VFNet":
+        if name in VFNET_CONFIGS:
             images = model.preprocess_image(inputs)
             features = model.backbone(images.tensor)
             features = [features[f] for f in model.head_in_features]
@@ -303,11 +303,11 @@ def run_benchmark(args):
         where = f"the first image of '{args.images}'" if args.images else f"{h}x{w}"
         print(table(f"Inference{amp}, batch 1, {where}, median s/image",
                     ["model", "s/image", mem, "VFNet / model"], ratio_rows(results)))  # fmt: skip
-        if "VFNet" in results:
-            v = results["VFNet"]
-            parts = ["backbone+FPN", "head", "post-processing"]
-            print(table("\nVFNet inference split", ["part", "s", "share"],
-                        [[k, f"{v[k]:.3f}", f"{v[k] / v['total']:.0%}"] for k in parts]) + "\n")  # fmt: skip
+        parts = ["backbone+FPN", "head", "post-processing"]
+        for name, v in results.items():
+            if name in VFNET_CONFIGS:  # each timed part alone (they need not add up to the total)
+                print(table(f"\n{name} inference split", ["part", "s", "share of the total"],
+                            [[k, f"{v[k]:.3f}", f"{v[k] / v['total']:.0%}"] for k in parts]) + "\n")  # fmt: skip
 
     if not args.skip_training:
         results = {m: in_fresh_process("measure_training", (m,), args) for m in args.models}
