@@ -43,6 +43,16 @@ def add_vfnet_config(cfg):
     # averaged into OUTPUT_DIR/model_swa.pth, evaluated when TEST.EVAL_PERIOD > 0. BatchNorm
     # layers that train their statistics get them recomputed for the average over
     # BN_UPDATE_ITERS training batches (0: one epoch).
+    # The PAFPNX neck of VFNet-X (MODEL.BACKBONE.NAME "build_vfnet_pafpnx_backbone",
+    # vfnet/modeling/backbone/pafpnx.py): its bottom-up backbone (a BACKBONE_REGISTRY builder;
+    # VFNet-X: "build_res2net_backbone"), the features it reads (increasing stride), the channels
+    # of its outputs p3-p7 and the norm of all its convs but the 1x1 laterals (official: GN(32)).
+    cfg.MODEL.PAFPNX = CN()
+    cfg.MODEL.PAFPNX.BOTTOM_UP = "build_resnet_backbone"
+    cfg.MODEL.PAFPNX.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.PAFPNX.OUT_CHANNELS = 384
+    cfg.MODEL.PAFPNX.NORM = "GN"
+
     cfg.SOLVER.SWA = CN()
     cfg.SOLVER.SWA.ENABLED = False
     cfg.SOLVER.SWA.EPOCHS = 12

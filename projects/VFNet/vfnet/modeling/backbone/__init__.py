@@ -4,3 +4,4 @@ from .resnet_fpn import (
     AnyDeviceModulatedDeformConv,
     build_vfnet_resnet_fpn_backbone,
 )
+from .pafpnx import PAFPNX, build_vfnet_pafpnx_backbone
