@@ -43,6 +43,21 @@ def test_keep_ratio_size_by_hand():
     assert keep_ratio_size(640, 480, 750, 1400) == (750, 563)
 
 
+def test_range_resize_swaps_a_short_draw_above_the_long_one():
+    np.random.seed(5)
+    aug = RandomKeepRatioResize((750, 2100), (500, 1400))
+    draws = []
+    np.random.seed(5)
+    for _ in range(200):
+        draws.append((np.random.randint(750, 2101), np.random.randint(500, 1401)))
+    np.random.seed(5)
+    image = np.zeros((480, 640, 3), np.uint8)
+    for long_, short in draws:
+        t = aug.get_transform(image)
+        assert (t.new_h, t.new_w) == keep_ratio_size(480, 640, max(long_, short), min(long_, short))
+    assert any(s > l for l, s in draws)
+
+
 def test_range_resize_draws_long_and_short_edges_independently_and_uniformly():
     np.random.seed(0)
     aug = RandomKeepRatioResize((750, 2100), (500, 1400))

@@ -21,9 +21,11 @@ def keep_ratio_size(h: int, w: int, long_edge: int, short_edge: int) -> Tuple[in
 
 class RandomKeepRatioResize(T.Augmentation):
     """
-    Resize keeping the aspect ratio, to a (long, short) scale whose long edge is drawn uniformly
-    from the integers of `long_range` and its short edge, independently, from `short_range`
-    (MMDetection's Resize with two img_scales, multiscale_mode "range", keep_ratio True).
+    Resize keeping the aspect ratio, to a scale of two edges drawn uniformly and independently
+    from the integers of `long_range` and of `short_range`; the larger of the two bounds the long
+    side, the smaller the short side (MMDetection's Resize with two img_scales, multiscale_mode
+    "range", keep_ratio True: mmcv's imrescale takes max and min of the scale, so a short draw
+    above the long one swaps them).
     """
 
     def __init__(self, long_range: Sequence[int], short_range: Sequence[int], interp=None):
@@ -38,7 +40,7 @@ class RandomKeepRatioResize(T.Augmentation):
         h, w = image.shape[:2]
         long_edge = np.random.randint(self.long_range[0], self.long_range[1] + 1)
         short_edge = np.random.randint(self.short_range[0], self.short_range[1] + 1)
-        new_h, new_w = keep_ratio_size(h, w, long_edge, short_edge)
+        new_h, new_w = keep_ratio_size(h, w, max(long_edge, short_edge), min(long_edge, short_edge))
         return T.ResizeTransform(h, w, new_h, new_w, self.interp)
 
 
