@@ -99,7 +99,7 @@ COCO_TRAIN2017_IMAGES_WITH_ANNOTATIONS = 117266
 BATCH = 16
 ITERS_PER_EPOCH = math.ceil(COCO_TRAIN2017_IMAGES_WITH_ANNOTATIONS / BATCH)  # 7330
 # lr_config step (lr x0.1 after these epochs) and the number of epochs of each schedule.
-OFFICIAL_EPOCHS = {"1x": ((8, 11), 12), "2x": ((16, 22), 24)}
+OFFICIAL_EPOCHS = {"1x": ((8, 11), 12), "2x": ((16, 22), 24), "vfnetx": ((36, 40), 41)}
 
 
 def build_vfnet(config, *opts):
@@ -224,6 +224,8 @@ def test_configs_train_for_the_official_epochs():
             continue
         found = re.search(r"(1x|2x)", name)
         schedule = "1x" if name == "Base-VFNet.yaml" else found and found.group(1)
+        if name.startswith("VFNetX_"):  # VFNet-X's own 41 epochs (steps at 36, 40)
+            schedule = "vfnetx"
         assert schedule, f"{path} names no official schedule"
         cfg = get_cfg()
         vfnet.add_vfnet_config(cfg)

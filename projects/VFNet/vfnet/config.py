@@ -44,6 +44,38 @@ def add_vfnet_config(cfg):
     # averaged into OUTPUT_DIR/model_swa.pth, evaluated when TEST.EVAL_PERIOD > 0. BatchNorm
     # layers that train their statistics get them recomputed for the average over
     # BN_UPDATE_ITERS training batches (0: one epoch).
+    # The PAFPNX neck of VFNet-X (MODEL.BACKBONE.NAME "build_vfnet_pafpnx_backbone",
+    # vfnet/modeling/backbone/pafpnx.py): its bottom-up backbone (a BACKBONE_REGISTRY builder;
+    # VFNet-X: "build_res2net_backbone"), the features it reads (increasing stride), the channels
+    # of its outputs p3-p7 and the norm of all its convs but the 1x1 laterals (official: GN(32)).
+    # Training augmentations of VFNet-X (vfnet/data/augmentations.py), with Detectron2's INPUT.*:
+    # the crop of INPUT.CROP (Detectron2's RandomCrop, before the resize) applied with
+    # probability PROB (official RandomCrop crop_p; 1.0: always, as Detectron2);
+    cfg.INPUT.CROP.PROB = 1.0
+    # MAX_SIZE_TRAIN_RANGE (min, max): the long edge drawn from it and, independently, the short
+    # edge from INPUT.MIN_SIZE_TRAIN (sampling "range"), the image rescaled keeping its ratio to
+    # fit both (MMDetection's Resize, multiscale_mode "range", two (long, short) img_scales);
+    # empty: Detectron2's ResizeShortestEdge (long edge at most INPUT.MAX_SIZE_TRAIN);
+    cfg.INPUT.MAX_SIZE_TRAIN_RANGE = ()
+    # CutOut inside the ground-truth boxes after the resize, before the flip (VarifocalNet's
+    # CutOut): per box with probability PROB, N_HOLES (min, max) holes of a (w, h) drawn from
+    # SHAPES, clipped to the box, filled with FILL (pixel values of the input format).
+    cfg.INPUT.CUTOUT = CN()
+    cfg.INPUT.CUTOUT.ENABLED = False
+    cfg.INPUT.CUTOUT.N_HOLES = (5, 10)
+    cfg.INPUT.CUTOUT.SHAPES = [
+        (4, 4), (4, 8), (8, 4), (8, 8), (16, 8), (8, 16), (16, 16), (16, 32), (32, 16), (32, 32),
+        (32, 48), (48, 32), (48, 48),
+    ]
+    cfg.INPUT.CUTOUT.PROB = 0.5
+    cfg.INPUT.CUTOUT.FILL = (0, 0, 0)
+
+    cfg.MODEL.PAFPNX = CN()
+    cfg.MODEL.PAFPNX.BOTTOM_UP = "build_resnet_backbone"
+    cfg.MODEL.PAFPNX.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.PAFPNX.OUT_CHANNELS = 384
+    cfg.MODEL.PAFPNX.NORM = "GN"
+
     cfg.SOLVER.SWA = CN()
     cfg.SOLVER.SWA.ENABLED = False
     cfg.SOLVER.SWA.EPOCHS = 12

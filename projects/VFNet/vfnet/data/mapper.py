@@ -12,8 +12,10 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from .augmentations import RandomBoxCutOut, build_train_augmentations
 from .transforms import with_resize_backend
 from .validation import LOAD_TRUNCATED_FLAG, LOAD_TRUNCATED_KEY, truncated_images_loaded
 
@@ -87,7 +89,10 @@ class VFNetDatasetMapper(DatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
-        ret["augmentations"] = with_resize_backend(ret["augmentations"], cfg.INPUT.RESIZE_BACKEND)
+        augs = ret["augmentations"]
+        if is_train:
+            augs = build_train_augmentations(cfg, augs)
+        ret["augmentations"] = with_resize_backend(augs, cfg.INPUT.RESIZE_BACKEND)
         ret["load_truncated_images"] = bool(cfg.DATASETS.get("LOAD_TRUNCATED_IMAGES", False))
         return ret
 
@@ -113,7 +118,15 @@ class VFNetDatasetMapper(DatasetMapper):
             load_truncated=self.load_truncated_images,
         )
         utils.check_image_size(dataset_dict, image)
-        aug_input = T.AugInput(image)
+        boxes = None
+        if self.is_train and any(isinstance(a, RandomBoxCutOut) for a in self.augmentations.augs):
+            # CutOut reads the boxes (XYXY_ABS), carried through the augmentations before it.
+            annotations = [a for a in dataset_dict.get("annotations", []) if a.get("iscrowd", 0) == 0]
+            boxes = np.asarray(
+                [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations],
+                dtype=np.float64,
+            ).reshape(-1, 4)
+        aug_input = T.AugInput(image, boxes=boxes)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))

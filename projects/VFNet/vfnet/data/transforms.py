@@ -8,6 +8,8 @@ import numpy as np
 
 from detectron2.data import transforms as T
 
+from .augmentations import RandomKeepRatioResize
+
 RESIZE_BACKENDS = ("PIL", "cv2")
 
 
@@ -20,8 +22,8 @@ class CV2ResizeTransform(T.ResizeTransform):
         return out.reshape(out.shape[:2] + img.shape[2:])  # cv2 drops a channel axis of 1
 
 
-class CV2ResizeShortestEdge(T.ResizeShortestEdge):
-    """Detectron2's ResizeShortestEdge (same sizes), resizing with :class:`CV2ResizeTransform`."""
+class _CV2Resize:
+    """Mixin for a resize augmentation: the same sizes, resized with :class:`CV2ResizeTransform`."""
 
     def get_transform(self, image):
         t = super().get_transform(image)
@@ -30,10 +32,24 @@ class CV2ResizeShortestEdge(T.ResizeShortestEdge):
         return t
 
 
+class CV2ResizeShortestEdge(_CV2Resize, T.ResizeShortestEdge):
+    """Detectron2's ResizeShortestEdge (same sizes), resizing with :class:`CV2ResizeTransform`."""
+
+
+class CV2RandomKeepRatioResize(_CV2Resize, RandomKeepRatioResize):
+    """:class:`RandomKeepRatioResize` (same sizes), resizing with :class:`CV2ResizeTransform`."""
+
+
+_CV2_VARIANTS = {
+    T.ResizeShortestEdge: CV2ResizeShortestEdge,
+    RandomKeepRatioResize: CV2RandomKeepRatioResize,
+}
+
+
 def with_resize_backend(augmentations, backend: str):
     """
-    The augmentations with each ResizeShortestEdge resizing with `backend` ("PIL", Detectron2's
-    default, or "cv2").
+    The augmentations with each ResizeShortestEdge and RandomKeepRatioResize resizing with
+    `backend` ("PIL", Detectron2's default, or "cv2").
     """
     if backend not in RESIZE_BACKENDS:
         raise ValueError(f"INPUT.RESIZE_BACKEND must be one of {RESIZE_BACKENDS}, got '{backend}'.")
@@ -41,8 +57,8 @@ def with_resize_backend(augmentations, backend: str):
         return augmentations
     out = []
     for aug in augmentations:
-        if type(aug) is T.ResizeShortestEdge:
-            cv2_aug = CV2ResizeShortestEdge.__new__(CV2ResizeShortestEdge)
+        if type(aug) in _CV2_VARIANTS:
+            cv2_aug = _CV2_VARIANTS[type(aug)].__new__(_CV2_VARIANTS[type(aug)])
             cv2_aug.__dict__.update(aug.__dict__)  # same sizes and sampling
             aug = cv2_aug
         out.append(aug)

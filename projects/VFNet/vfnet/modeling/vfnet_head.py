@@ -25,12 +25,13 @@ def feature_memory_format(device: torch.device) -> torch.memory_format:
 
 class ModulatedDeformConvBlock(nn.Module):
     """
-    DCNv2 3x3 conv -> norm -> ReLU, with offsets and modulation predicted from its input by a
-    zero-initialised 3x3 conv (so that it starts as a plain convolution).
+    DCNv2 3x3 conv -> norm -> ReLU (none if not `relu`), with offsets and modulation predicted
+    from its input by a zero-initialised 3x3 conv (so that it starts as a plain convolution).
     """
 
-    def __init__(self, channels: int, norm: str, impl: str):
+    def __init__(self, channels: int, norm: str, impl: str, relu: bool = True):
         super().__init__()
+        self.relu = relu
         self.conv_offset = nn.Conv2d(channels, 27, 3, padding=1)
         self.conv = DeformConv2d(channels, channels, 3, padding=1, bias=not norm, impl=impl)
         self.norm = get_norm(norm, channels)
@@ -43,7 +44,7 @@ class ModulatedDeformConvBlock(nn.Module):
         x = self.conv(x, torch.cat([offset_1, offset_2], dim=1), mask.sigmoid())
         if self.norm is not None:
             x = self.norm(x)
-        return F.relu(x)
+        return F.relu(x) if self.relu else x
 
 
 class VFNetHead(nn.Module):

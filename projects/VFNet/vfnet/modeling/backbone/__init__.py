@@ -6,3 +6,4 @@ from .resnet_fpn import (
     build_vfnet_resnet_fpn_backbone,
 )
 from .retinanet_fpn import LastLevelP6P7WithoutReLU, build_mmdet_retinanet_resnet_fpn_backbone
+from .pafpnx import PAFPNX, build_vfnet_pafpnx_backbone
