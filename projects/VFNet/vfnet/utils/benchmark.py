@@ -31,6 +31,7 @@ VFNET_CONFIGS = {
     "VFNet": VFNET_CONFIG,
     "VFNet-R2-101": os.path.join(CONFIGS, "VFNet_R2_101_FPN_MS_2x.yaml"),
     "VFNet-R2-101-DCN": os.path.join(CONFIGS, "VFNet_R2_101_DCN_FPN_MS_2x.yaml"),
+    "VFNet-X-800": os.path.join(CONFIGS, "VFNetX_R2_101_DCN_PAFPNX_MS_2x.yaml"),
 }
 MODELS = ("VFNet", "FCOS", "RetinaNet")  # the default of --models
 
