@@ -518,8 +518,6 @@ def run_parity(
     workdir: Optional[str] = None,
     det_scale: Tuple[int, int] = (448, 256),
 ) -> Report:
-    from detectron2.modeling.postprocessing import detector_postprocess
-    from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
 
     report = Report()
@@ -618,63 +616,61 @@ def run_parity(
         # ------------------------------------------------ detections on a real image
         model.eval()
         mm.eval()
-        img = read_rgb(image_path)
-        h0, w0 = img.shape[:2]
-        resized = resize_like_mmdet(img, det_scale)
-        h, w = resized.shape[:2]
-        inputs = [
-            {
-                "image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float(),
-                "height": h0,
-                "width": w0,
-            }
-        ]
-        images = model.preprocess_image(inputs)
-        feats = model.backbone(images.tensor)
-        feats = [feats[f] for f in model.head_in_features]
-        d2_det = model.forward_inference(images, feats, model.head(feats))[0]
-        # what DenseDetector.forward returns for this input: rescaled to (height, width)
-        # (on a copy: detector_postprocess scales the boxes in place)
-        d2_det_orig = detector_postprocess(
-            Instances(
-                d2_det.image_size,
-                pred_boxes=Boxes(d2_det.pred_boxes.tensor.clone()),
-                scores=d2_det.scores,
-                pred_classes=d2_det.pred_classes,
-            ),
-            h0,
-            w0,
-        )
-        meta = dict(
-            img_shape=(h, w),
-            ori_shape=(h0, w0),
-            scale_factor=(w / w0, h / h0),
-            pad_shape=tuple(images.tensor.shape[-2:]),
-            batch_input_shape=tuple(images.tensor.shape[-2:]),
-        )
-        mm_out = mm.bbox_head(mm.extract_feat(images.tensor))
-        mm_det = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=False)[0]
-        mm_det_orig = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=True)[0]
-        report.facts["detection input (resized, padded)"] = (
-            (h, w),
-            tuple(images.tensor.shape[-2:]),
-        )
-        for tag, d2r, mmr in (("resized", d2_det, mm_det), ("original", d2_det_orig, mm_det_orig)):
-            report.facts[f"detections {tag} (d2, mmdet)"] = (len(d2r), len(mmr))
-            if len(d2r) != len(mmr):
-                continue
-            (b1, s1, l1), (b2, s2, l2) = match_detections(
-                d2r.pred_boxes.tensor,
-                d2r.scores,
-                d2r.pred_classes,
-                mmr.bboxes,
-                mmr.scores,
-                mmr.labels,
-            )
-            report.add("detections", f"boxes ({tag} image, px)", b1, b2)
-            report.add("detections", f"scores ({tag} image)", s1, s2)
-            report.facts[f"detections {tag} same classes"] = bool(torch.equal(l1, l2))
+        compare_detections(report, model, mm, read_rgb(image_path), det_scale)
     return report
+
+
+def compare_detections(report, model, mm, img: np.ndarray, det_scale, clip_resized: bool = False):
+    """
+    Detect on the RGB image `img` resized as MMDetection's test pipeline (`det_scale`) in both
+    frameworks (eval mode) and add to `report` the detections' counts, classes, boxes and scores,
+    at the resized and at the original size. `clip_resized`: clip Detectron2's boxes at the
+    resized size first (MMDetection clips them when it decodes; Detectron2's RetinaNet only in
+    detector_postprocess). Returns (images, (h0, w0), MMDetection's detections at the original
+    size).
+    """
+    from detectron2.modeling.postprocessing import detector_postprocess
+    from detectron2.structures import Boxes, Instances
+
+    h0, w0 = img.shape[:2]
+    resized = resize_like_mmdet(img, det_scale)
+    h, w = resized.shape[:2]
+    image = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
+    images = model.preprocess_image([{"image": image, "height": h0, "width": w0}])
+    feats = model.backbone(images.tensor)
+    feats = [feats[f] for f in model.head_in_features]
+    d2_det = model.forward_inference(images, feats, model.head(feats))[0]
+    boxes = d2_det.pred_boxes.tensor.clone()
+    fields = dict(scores=d2_det.scores, pred_classes=d2_det.pred_classes)
+    d2_resized = Instances((h, w), pred_boxes=Boxes(boxes.clone()), **fields)
+    if clip_resized:
+        d2_resized.pred_boxes.clip((h, w))
+    # what DenseDetector.forward returns for this input: rescaled to (height, width) (on a copy:
+    # detector_postprocess scales the boxes in place)
+    d2_orig = Instances(d2_det.image_size, pred_boxes=Boxes(boxes), **fields)
+    d2_orig = detector_postprocess(d2_orig, h0, w0)
+    meta = dict(
+        img_shape=(h, w),
+        ori_shape=(h0, w0),
+        scale_factor=(w / w0, h / h0),
+        pad_shape=tuple(images.tensor.shape[-2:]),
+        batch_input_shape=tuple(images.tensor.shape[-2:]),
+    )
+    mm_out = mm.bbox_head(mm.extract_feat(images.tensor))
+    mm_det = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=False)[0]
+    mm_orig = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=True)[0]
+    report.facts["detection input (resized, padded)"] = ((h, w), tuple(images.tensor.shape[-2:]))
+    for tag, d2r, mmr in (("resized", d2_resized, mm_det), ("original", d2_orig, mm_orig)):
+        report.facts[f"detections {tag} (d2, mmdet)"] = (len(d2r), len(mmr))
+        if len(d2r) != len(mmr):
+            continue
+        (b1, s1, l1), (b2, s2, l2) = match_detections(
+            d2r.pred_boxes.tensor, d2r.scores, d2r.pred_classes, mmr.bboxes, mmr.scores, mmr.labels
+        )
+        report.add("detections", f"boxes ({tag} image, px)", b1, b2)
+        report.add("detections", f"scores ({tag} image)", s1, s2)
+        report.facts[f"detections {tag} same classes"] = bool(torch.equal(l1, l2))
+    return images, (h0, w0), mm_orig
 
 
 # ----------------------------------------------------------------------------- pipelines

@@ -11,19 +11,17 @@ import os
 import tempfile
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 
 from .mmdet_parity import (
     DEFAULT_IMAGE,
     REPO,
     Report,
+    compare_detections,
     d2_cfg,
     install_mmcv_ops_standins,
-    match_detections,
     perturb_,
     read_rgb,
-    resize_like_mmdet,
     training_batch,
 )
 from .retinanet_converter import convert_retinanet_checkpoint_file
@@ -80,9 +78,6 @@ def run_retinanet_parity(
     image_path: Optional[str] = DEFAULT_IMAGE,
     det_scale: Tuple[int, int] = (448, 256),
 ) -> Report:
-    from detectron2.modeling.postprocessing import detector_postprocess
-    from detectron2.structures import Boxes, Instances
-
     report = Report()
     report.facts["mmcv kernels"] = install_mmcv_ops_standins()
     with contextlib.ExitStack() as stack:
@@ -131,51 +126,10 @@ def run_retinanet_parity(
     )
 
     # ------------------------------------------------ detections on a real image
-    img = read_rgb(image_path)
-    h0, w0 = img.shape[:2]
-    resized = resize_like_mmdet(img, det_scale)
-    h, w = resized.shape[:2]
-    image = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
-    images = model.preprocess_image([{"image": image, "height": h0, "width": w0}])
-    feats = model.backbone(images.tensor)
-    feats = [feats[f] for f in model.head_in_features]
-    d2_det = model.forward_inference(images, feats, model.head(feats))[0]
     # Detectron2's RetinaNet clips in detector_postprocess, MMDetection's at decoding: compare
     # the resized image's boxes clipped.
-    d2_clipped = Boxes(d2_det.pred_boxes.tensor.clone())
-    d2_clipped.clip((h, w))
-    d2_orig = detector_postprocess(
-        Instances(
-            d2_det.image_size,
-            pred_boxes=Boxes(d2_det.pred_boxes.tensor.clone()),
-            scores=d2_det.scores,
-            pred_classes=d2_det.pred_classes,
-        ),
-        h0,
-        w0,
+    images, original_size, mm_orig = compare_detections(
+        report, model, mm, read_rgb(image_path), det_scale, clip_resized=True
     )
-    meta = dict(
-        img_shape=(h, w),
-        ori_shape=(h0, w0),
-        scale_factor=(w / w0, h / h0),
-        pad_shape=tuple(images.tensor.shape[-2:]),
-        batch_input_shape=tuple(images.tensor.shape[-2:]),
-    )
-    mm_out = mm.bbox_head(mm.extract_feat(images.tensor))
-    mm_det = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=False)[0]
-    mm_orig = mm.bbox_head.predict_by_feat(*mm_out, batch_img_metas=[meta], rescale=True)[0]
-    report.objects.update(det_images=images, det_original_size=(h0, w0), mm_detections=mm_orig)
-    d2_resized = Instances(
-        (h, w), pred_boxes=d2_clipped, scores=d2_det.scores, pred_classes=d2_det.pred_classes
-    )
-    for tag, d2r, mmr in (("resized", d2_resized, mm_det), ("original", d2_orig, mm_orig)):
-        report.facts[f"detections {tag} (d2, mmdet)"] = (len(d2r), len(mmr))
-        if len(d2r) != len(mmr):
-            continue
-        (b1, s1, l1), (b2, s2, l2) = match_detections(
-            d2r.pred_boxes.tensor, d2r.scores, d2r.pred_classes, mmr.bboxes, mmr.scores, mmr.labels
-        )
-        report.add("detections", f"boxes ({tag} image, px)", b1, b2)
-        report.add("detections", f"scores ({tag} image)", s1, s2)
-        report.facts[f"detections {tag} same classes"] = bool(torch.equal(l1, l2))
+    report.objects.update(det_images=images, det_original_size=original_size, mm_detections=mm_orig)
     return report
