@@ -11,8 +11,10 @@ from detectron2.modeling.backbone import ResNet
 
 from .vfnet_R_50_FPN_1x import STRIDES, dataloader, lr_multiplier, model, optimizer, train
 
-# ResNet-18 with trainable BatchNorm, nothing frozen (MODEL.RESNETS.DEPTH 18, NORM "BN",
-# BACKBONE.FREEZE_AT 0), FPN and head of 64 channels, 4 classes.
+# ResNet-18 with trainable BatchNorm, statistics included, nothing frozen (MODEL.RESNETS.DEPTH 18,
+# NORM "BN", BACKBONE.FREEZE_AT 0, NORM_EVAL False: the ResNet without R-50's
+# freeze_batchnorm_statistics), FPN and head of 64 channels, 4 classes.
+model.backbone.bottom_up = model.backbone.bottom_up.module  # (omegaconf copies the node)
 bottom_up = model.backbone.bottom_up
 bottom_up.stem.norm = "BN"
 bottom_up.stages = L(ResNet.make_default_stages)(depth=18, norm="BN")
