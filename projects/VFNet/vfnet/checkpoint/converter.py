@@ -744,7 +744,8 @@ def check_against_model(
     model_sd = build_model(cfg).state_dict()
     problems = []
     for k in model_sd:
-        if k.startswith(prefix) and k not in converted:
+        # BatchNorm's step counter (dropped by the conversion) plays no part in the forward.
+        if k.startswith(prefix) and k not in converted and not k.endswith("num_batches_tracked"):
             problems.append(f"missing in checkpoint: {k} {tuple(model_sd[k].shape)}")
     for k, v in converted.items():
         if k not in model_sd:
