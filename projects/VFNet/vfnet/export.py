@@ -14,6 +14,16 @@ Graph interface (the same for both formats):
   (R,) int64, ``scores`` (R,) float32, sorted by decreasing score, and ``image_size`` (2,) int64
   (H, W of the input).
 
+A model with soft-NMS (MODEL.VFNET.TEST_NMS_TYPE "soft_nms", VFNet-X) is exported up to the
+candidates before the NMS (`VFNet.inference_candidates`: score threshold, per-level top-k, clipped
+non-empty boxes), in the same four outputs: soft-NMS runs a data-dependent number of selection
+steps, which a trace would fix to those of the traced image. Its arguments (IoU threshold,
+method, sigma, minimum score, detections per image) are stored in the exported file itself
+(:data:`POST_PROCESSING_KEY`: a TorchScript extra file, ONNX metadata) and in
+export_info.json; `ExportedPredictor` reads them and applies `batched_soft_nms` to the graph's
+outputs, so that it returns the eager model's detections. A runtime without this package applies
+the soft-NMS of those arguments itself (MMCV's `soft_nms` per class is the same algorithm).
+
 The deformable convolutions of the head are traced in the kernel their `impl` names: "sampling"
 (`grid_sample` + `matmul`) exports to plain ONNX operators (GridSample from opset 16, MatMul);
 "torchvision" (`torchvision::deform_conv2d`) exports to the ONNX operator DeformConv (opset 19)
@@ -54,18 +64,21 @@ from detectron2.utils.file_io import PathManager
 
 from .config import add_vfnet_config
 from .layers.deform_conv import DeformConv2d
+from .modeling.meta_arch.vfnet import class_wise_nms
 
 __all__ = [
     "DEFAULT_ONNX_OPSET",
     "DEFORM_CONV_ONNX_OPSET",
     "FILENAMES",
     "OUTPUT_NAMES",
+    "POST_PROCESSING_KEY",
     "ExportedPredictor",
     "deform_conv_onnx_translation_table",
     "export_model",
     "export_onnx",
     "export_torchscript",
     "outputs_to_instances",
+    "post_processing",
     "register_deform_conv_onnx_symbolic",
     "resize_for_test",
     "set_deform_conv_impl",
@@ -85,6 +98,9 @@ OUTPUT_NAMES = ("boxes", "classes", "scores", "image_size")
 EXPORTABLE_DEFORM_CONV_IMPLS = ("sampling", "torchvision")
 # The exported model's file name in the output folder, per format.
 FILENAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+# The name of the post-processing left out of the graph (JSON, :func:`post_processing`) in the
+# exported file: a TorchScript extra file, an ONNX metadata property.
+POST_PROCESSING_KEY = "vfnet_post_processing.json"
 
 
 def set_deform_conv_impl(model: nn.Module, impl: str) -> int:
@@ -259,14 +275,54 @@ def _inference(model: nn.Module, image: Tensor) -> Instances:
     return model([{"image": image}])[0]["instances"]
 
 
+def _inference_candidates(model: nn.Module, image: Tensor) -> Instances:
+    # The detections before the class-wise NMS, in the coordinates of `image`.
+    return model.inference_candidates([{"image": image}])[0]
+
+
+def post_processing(model: nn.Module) -> Optional[dict]:
+    """
+    The post-processing of `model` that its exported graph leaves out: None when the graph holds
+    it all (NMS), else {"type": "soft_nms", "iou_threshold", "method", "sigma", "min_score",
+    "detections_per_image"} (MODEL.VFNET.TEST_NMS_TYPE "soft_nms", see the module docstring).
+    """
+    soft_nms = getattr(model, "test_soft_nms", None)
+    if soft_nms is None:
+        return None
+    return {
+        "type": "soft_nms",
+        "iou_threshold": model.test_nms_thresh,
+        **soft_nms,
+        "detections_per_image": model.max_detections_per_image,
+    }
+
+
+def apply_post_processing(inst: Instances, spec: Optional[dict]) -> Instances:
+    """The detections of `inst` (the graph's outputs) after the post-processing `spec` left out."""
+    if spec is None:
+        return inst
+    if spec.get("type") != "soft_nms":
+        raise ValueError(f"Unknown post-processing {spec.get('type')!r} in the exported model ({POST_PROCESSING_KEY}).")
+    args = {k: spec[k] for k in ("method", "sigma", "min_score")}
+    keep, scores = class_wise_nms(
+        inst.pred_boxes.tensor, inst.scores, inst.pred_classes, spec["iou_threshold"],
+        spec["detections_per_image"], args,
+    )  # fmt: skip
+    inst = inst[keep]
+    inst.scores = scores
+    return inst
+
+
 def trace_adapter(model: nn.Module, image: Tensor) -> TracingAdapter:
     """
     A `TracingAdapter` around `model` (in eval mode) that maps one (3, H, W) image tensor to the
-    flat tuple (boxes, classes, scores, image_size).
+    flat tuple (boxes, classes, scores, image_size): the detections, or for a model with
+    soft-NMS the candidates before it (:func:`post_processing`).
     """
     _check_exportable(model)
     model.eval()
-    return TracingAdapter(model, image, _inference).eval()
+    fn = _inference if post_processing(model) is None else _inference_candidates
+    return TracingAdapter(model, image, fn).eval()
 
 
 def _check_outputs(adapter: TracingAdapter) -> None:
@@ -303,7 +359,8 @@ def export_torchscript(model: nn.Module, image: Tensor, path: Optional[str] = No
         traced = torch.jit.trace(adapter, (image,), check_trace=False)
     _check_outputs(adapter)
     if path is not None:
-        torch.jit.save(traced, path)
+        extra = {POST_PROCESSING_KEY: json.dumps(post_processing(model))}
+        torch.jit.save(traced, path, _extra_files=extra)
     return traced
 
 
@@ -346,6 +403,14 @@ def export_onnx(
             dynamic_axes=dynamic_axes,
         )
     _check_outputs(adapter)
+    spec = post_processing(model)
+    if spec is not None:
+        import onnx
+
+        graph = onnx.load(path)
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = POST_PROCESSING_KEY, json.dumps(spec)
+        onnx.save(graph, path)
     return opset_version
 
 
@@ -400,12 +465,17 @@ class ExportedPredictor:
 
             self.session = ort.InferenceSession(path, providers=providers or ["CPUExecutionProvider"])
             self.ts_model = None
+            spec = self.session.get_modelmeta().custom_metadata_map.get(POST_PROCESSING_KEY)
         else:
             import torchvision  # noqa: F401  (its operators, for "torchvision" deformable convs)
 
             self.session = None
             self.device = torch.device(device)
-            self.ts_model = torch.jit.load(path, map_location=self.device)
+            extra = {POST_PROCESSING_KEY: ""}
+            self.ts_model = torch.jit.load(path, map_location=self.device, _extra_files=extra)
+            spec = extra[POST_PROCESSING_KEY] or None
+        # The post-processing the graph leaves out (soft-NMS), as stored in the file.
+        self.post_processing = json.loads(spec) if spec else None
 
     def run(self, image: Tensor) -> Instances:
         """The detections of the graph on one (3, H, W) float tensor, in its coordinates."""
@@ -414,7 +484,7 @@ class ExportedPredictor:
         else:
             with torch.no_grad():
                 outputs = [x.cpu() for x in self.ts_model(image.to(self.device))]
-        return outputs_to_instances(outputs)
+        return apply_post_processing(outputs_to_instances(outputs), self.post_processing)
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         """Detectron2's model interface (for `inference_on_dataset`): resized images, height/width."""
@@ -490,7 +560,7 @@ def class_names(cfg) -> Optional[List[str]]:
     return meta.get("thing_classes")
 
 
-def export_info(cfg, fmt: str, opset: Optional[int], kernels) -> dict:
+def export_info(cfg, fmt: str, opset: Optional[int], kernels, post: Optional[dict] = None) -> dict:
     """The contents of export_info.json for the model of `cfg` exported as `fmt`."""
     return {
         "format": fmt,
@@ -507,6 +577,8 @@ def export_info(cfg, fmt: str, opset: Optional[int], kernels) -> dict:
         "score_thresh": cfg.MODEL.VFNET.TEST_SCORE_THRESH,
         "nms_thresh": cfg.MODEL.VFNET.TEST_NMS_THRESH,
         "detections_per_image": cfg.MODEL.VFNET.TEST_DETECTIONS_PER_IMAGE,
+        # What the graph leaves out (soft-NMS), applied by ExportedPredictor; null: nothing.
+        "post_processing": post,
         "num_classes": cfg.MODEL.VFNET.NUM_CLASSES,
         "class_names": class_names(cfg),
         "weights": cfg.MODEL.WEIGHTS,
@@ -572,7 +644,7 @@ def export_model(
         export_torchscript(model, image, path)
     else:
         used_opset = export_onnx(model, image, path, opset)
-    info = export_info(cfg, fmt, used_opset, deform_conv_impls(model))
+    info = export_info(cfg, fmt, used_opset, deform_conv_impls(model), post_processing(model))
     with open(os.path.join(output_dir, "export_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     logger.info("Exported %s (%s deformable convs) to %s", fmt, cfg.MODEL.VFNET.DEFORM_CONV_IMPL, path)

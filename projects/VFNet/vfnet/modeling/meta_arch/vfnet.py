@@ -173,6 +173,33 @@ def test_soft_nms(cfg) -> Optional[Dict[str, Any]]:
     return {"method": v.SOFT_NMS.METHOD, "sigma": v.SOFT_NMS.SIGMA, "min_score": v.SOFT_NMS.MIN_SCORE}
 
 
+def class_wise_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    classes: Tensor,
+    nms_thresh: float,
+    max_detections: int,
+    soft_nms: Optional[Dict[str, Any]] = None,
+) -> Tuple[Tensor, Tensor]:
+    """
+    The class-wise NMS of inference and the top `max_detections`: Detectron2's `batched_nms`,
+    or `batched_soft_nms` with the arguments `soft_nms` (see :func:`test_soft_nms`).
+
+    Args:
+        boxes: (R, 4) XYXY; scores, classes: (R,).
+
+    Returns:
+        the indices kept, by decreasing score, and their scores (decayed by soft-NMS).
+    """
+    if soft_nms is None:
+        keep = batched_nms(boxes, scores, classes, nms_thresh)[:max_detections]
+        return keep, scores[keep]
+    keep, kept_scores = batched_soft_nms(
+        boxes, scores, classes, nms_thresh, max_num=max_detections, **soft_nms
+    )
+    return keep, kept_scores.to(scores.dtype)
+
+
 def test_autocast_dtype(cfg) -> Optional[torch.dtype]:
     """The dtype of TEST.AMP (inference under autocast), or None when it is off."""
     if not cfg.TEST.AMP.ENABLED:
@@ -517,21 +544,7 @@ class VFNet(DenseDetector):
         return pred
 
     def class_wise_nms(self, boxes: Tensor, scores: Tensor, classes: Tensor) -> Tuple[Tensor, Tensor]:
-        """
-        The class-wise NMS of inference (soft-NMS with `test_soft_nms`) and the top
-        `max_detections_per_image`.
-
-        Args:
-            boxes: (R, 4) XYXY; scores, classes: (R,).
-
-        Returns:
-            the indices kept, by decreasing score, and their scores (decayed by soft-NMS).
-        """
-        k = self.max_detections_per_image
-        if self.test_soft_nms is None:
-            keep = batched_nms(boxes, scores, classes, self.test_nms_thresh)[:k]
-            return keep, scores[keep]
-        keep, kept_scores = batched_soft_nms(
-            boxes, scores, classes, self.test_nms_thresh, max_num=k, **self.test_soft_nms
+        """:func:`class_wise_nms` with the model's NMS (or soft-NMS) and detections per image."""
+        return class_wise_nms(
+            boxes, scores, classes, self.test_nms_thresh, self.max_detections_per_image, self.test_soft_nms
         )
-        return keep, kept_scores.to(scores.dtype)
