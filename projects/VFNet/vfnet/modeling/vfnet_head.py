@@ -27,6 +27,8 @@ class ModulatedDeformConvBlock(nn.Module):
     """
     DCNv2 3x3 conv -> norm -> ReLU (none if not `relu`), with offsets and modulation predicted
     from its input by a zero-initialised 3x3 conv (so that it starts as a plain convolution).
+    Initialised as mmcv's ModulatedDeformConv2dPack: weight uniform in +-1/sqrt(9 x channels),
+    zero bias (the official head keeps this init for its last tower conv).
     """
 
     def __init__(self, channels: int, norm: str, impl: str, relu: bool = True):
@@ -37,6 +39,10 @@ class ModulatedDeformConvBlock(nn.Module):
         self.norm = get_norm(norm, channels)
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
+        bound = 1 / math.sqrt(channels * 9)
+        nn.init.uniform_(self.conv.weight, -bound, bound)
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         offset_y_x_mask = self.conv_offset(x)
@@ -134,9 +140,11 @@ class VFNetHead(nn.Module):
         self.cls_conv = star_conv()
         self.cls_score = nn.Conv2d(c, num_classes, 3, padding=1)
 
-        offset_convs = {m.conv_offset for m in self.modules() if isinstance(m, ModulatedDeformConvBlock)}
+        # The official init (mmdet 2.10 VFNetHead.init_weights): normal(0, 0.01) and zero bias for
+        # the convs, the classifier's bias at the prior; the DCNv2 tower convs keep their own.
+        dcn_blocks = {m for b in self.modules() if isinstance(b, ModulatedDeformConvBlock) for m in b.modules()}
         for module in self.modules():
-            if isinstance(module, (nn.Conv2d, DeformConv2d)) and module not in offset_convs:
+            if isinstance(module, (nn.Conv2d, DeformConv2d)) and module not in dcn_blocks:
                 nn.init.normal_(module.weight, std=0.01)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

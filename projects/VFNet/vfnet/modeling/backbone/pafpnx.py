@@ -70,8 +70,12 @@ class PAFPNX(Backbone):
         self._out_feature_strides = {f: 2 ** (first + i) for i, f in enumerate(self._out_features)}
         self._out_feature_channels = {f: out_channels for f in self._out_features}
         self._size_divisibility = strides[-1] * 4
-        for conv in [*self.lateral_convs, *self.fpn_convs, *self.downsample_convs, self.p6, self.p7]:
-            # The official neck's init (mmdet 2.10 FPN.init_weights): xavier-uniform, zero bias.
+        offset_convs = [block.conv_offset for block in self.pafpn_convs]
+        convs = [*self.lateral_convs, *self.fpn_convs, *self.downsample_convs, self.p6, self.p7]
+        for conv in convs + offset_convs:
+            # The official neck's init (mmdet 2.10 FPN.init_weights): xavier-uniform and zero bias
+            # for every nn.Conv2d of the neck, the offset convs of its DCNv2 (mmcv's
+            # ModulatedDeformConv2dPack.conv_offset) included; the DCNv2 weights keep mmcv's init.
             nn.init.xavier_uniform_(conv.weight)
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)

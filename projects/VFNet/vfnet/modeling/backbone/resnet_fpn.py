@@ -3,7 +3,7 @@ The backbone of VFNet: Detectron2's ResNet and FPN with P6/P7 from the P5 output
 deformable convs of its DCN stages swapped for ones that also run (and train) on CPU.
 """
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from detectron2.layers import DeformConv, ModulatedDeformConv, ShapeSpec
@@ -89,7 +89,7 @@ def vfnet_fpn(cfg, bottom_up: Backbone) -> FPN:
     MODEL.FPN.OUT_CHANNELS channels, P6 = conv3x3/s2(P5), P7 = conv3x3/s2(ReLU(P6)).
     """
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    return FPN(
+    fpn = FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=out_channels,
@@ -97,3 +97,12 @@ def vfnet_fpn(cfg, bottom_up: Backbone) -> FPN:
         top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+    # The official neck's init (mmdet 2.10 FPN.init_weights): xavier-uniform, zero bias, where
+    # Detectron2's FPN has c2_xavier_fill (the same bound for the 3x3 convs, another for the
+    # laterals, whose fan-in and fan-out differ).
+    for name, module in fpn.named_modules():
+        if isinstance(module, nn.Conv2d) and not name.startswith("bottom_up."):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return fpn
