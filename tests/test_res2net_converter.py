@@ -251,9 +251,10 @@ def test_imagenet_refusals(fake):
     _, _, mm, _ = fake
     with pytest.raises(ConversionError, match="detector's.*without --imagenet"):
         convert_imagenet_backbone(mm)
-    resnet = {"conv1.weight": torch.zeros(1), "layer1.0.conv2.weight": torch.zeros(1)}
-    with pytest.raises(ConversionError, match="Not an ImageNet Res2Net.*layer1.0.convs.0.weight"):
-        convert_imagenet_backbone(resnet)
+    # Neither a ResNet (no layer1.0.conv1) nor a Res2Net (no layer1.0.convs.0).
+    partial = {"conv1.weight": torch.zeros(1), "layer1.0.conv2.weight": torch.zeros(1)}
+    with pytest.raises(ConversionError, match="Not an ImageNet ResNet, ResNeXt or Res2Net.*layer1.0.convs.0.weight"):
+        convert_imagenet_backbone(partial)
     sd = dict(_imagenet_style(mm), **{"layer1.0.se.weight": torch.zeros(1)})
     with pytest.raises(ConversionError, match="match no Res2Net rule.*'layer1.0.se.weight'"):
         convert_imagenet_backbone(sd)

@@ -17,11 +17,14 @@ config is built on the CPU and every key and shape is checked; all problems are 
 once and nothing is written. The output is written to a temporary file in the target folder
 and renamed into place, so a failed run leaves no partial file.
 
-With ``--imagenet`` the input is an ImageNet Res2Net backbone of MMDetection's zoo (the
-ImageNet weights of the official R2-101 configs, ``open-mmlab://res2net101_v1d_26w_4s`` =
-https://download.openmmlab.com/pretrain/third_party/res2net101_v1d_26w_4s_mmdetv2-f0a600f9.pth);
-the output holds ``backbone.bottom_up.*`` only, for ``MODEL.WEIGHTS`` of a training config:
+With ``--imagenet`` the input is the ImageNet backbone of an official config (keys without
+``backbone.``; the output holds ``backbone.bottom_up.*`` only, for ``MODEL.WEIGHTS`` of a training
+config): torchvision's ResNet-50/101 (``torchvision://resnet50``, the IMAGENET1K_V1 weights),
+open-mmlab's ResNeXt-101 32x4d / 64x4d, or MMDetection's Res2Net-101 v1d:
 
+    wget https://download.pytorch.org/models/resnet50-0676ba61.pth
+    python tools/convert_mmdet_to_d2.py --imagenet resnet50-0676ba61.pth \
+        pretrained/resnet50_d2.pth --config-file configs/VFNet_R_50_FPN_1x.yaml
     python tools/convert_mmdet_to_d2.py --imagenet res2net101_v1d_26w_4s_mmdetv2-f0a600f9.pth \
         pretrained/res2net101_v1d_26w_4s_d2.pth --config-file configs/VFNet_R2_101_FPN_MS_2x.yaml
 """
@@ -64,7 +67,7 @@ def main(argv=None):
     parser.add_argument(
         "--imagenet",
         action="store_true",
-        help="the input is an ImageNet Res2Net backbone (keys without 'backbone.'), not a VFNet",
+        help="the input is an ImageNet ResNet/ResNeXt/Res2Net backbone (keys without 'backbone.'), not a VFNet",
     )
     parser.add_argument(
         "opts", nargs="*", help="config overrides (KEY VALUE pairs), with --config-file"
@@ -72,7 +75,7 @@ def main(argv=None):
     args = parser.parse_intermixed_args(argv)
     try:
         if args.imagenet and args.arch != "vfnet":
-            raise ConversionError("--imagenet (an ImageNet Res2Net backbone) is not for --arch retinanet")
+            raise ConversionError("--imagenet (an ImageNet backbone) is not for --arch retinanet")
         extra = (args.imagenet,) if args.arch == "vfnet" else ()
         summary = CONVERTERS[args.arch](
             args.input, args.output, args.config_file, args.opts, args.allow_unsafe_pickle, *extra

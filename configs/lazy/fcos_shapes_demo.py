@@ -20,7 +20,7 @@ from .vfnet_shapes_demo import dataloader, lr_multiplier, optimizer, train
 from .vfnet_shapes_demo import model as vfnet_model
 
 model = model_zoo.get_config("COCO-Detection/fcos_R_50_FPN_1x.py").model
-model.backbone = vfnet_model.backbone
+model.backbone = vfnet_model.backbone.fpn  # Detectron2's FPN init (VFNet's: xavier_init_fpn)
 model.num_classes = 4
 model.head.input_shape = [ShapeSpec(channels=64)] * 5
 model.head.conv_dims = [64] * 4

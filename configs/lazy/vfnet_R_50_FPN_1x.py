@@ -26,6 +26,7 @@ from vfnet.data.build import build_resumable_train_loader
 from vfnet.data.mapper import VFNetDatasetMapper
 from vfnet.evaluation import VFNetCOCOEvaluator
 from vfnet.layers import freeze_batchnorm_statistics
+from vfnet.modeling.backbone.resnet_fpn import xavier_init_fpn
 from vfnet.modeling.atss import ATSSMatcher
 from vfnet.modeling.meta_arch.vfnet import VFNet
 from vfnet.modeling.vfnet_head import VFNetHead
@@ -39,13 +40,15 @@ STRIDES = [8, 16, 32, 64, 128]
 # vfnet/config.py, under their lower-case names), ATSS with one square anchor of 8 x stride per
 # location (MODEL.VFNET.ATSS.ANCHOR_SCALE 8, TOPK 9), the losses and the inference settings.
 model = L(VFNet)(
-    backbone=L(FPN)(
+    # The official neck's init (xavier-uniform) over Detectron2's FPN, as the YAML configs.
+    backbone=L(xavier_init_fpn)(fpn=L(FPN)(
         # BN with frozen statistics and trained affine (MODEL.BACKBONE.NORM_EVAL, official
-        # norm_eval); stem and res2 frozen (FrozenBN).
+        # norm_eval); stem and res2 frozen (FrozenBN). Pytorch style (stride in the 3x3 conv),
+        # as torchvision's ImageNet ResNet-50 of the official config.
         bottom_up=L(freeze_batchnorm_statistics)(
             module=L(ResNet)(
                 stem=L(BasicStem)(in_channels=3, out_channels=64, norm="BN"),
-                stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=True, norm="BN"),
+                stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=False, norm="BN"),
                 out_features=["res3", "res4", "res5"],
                 freeze_at=2,
             )
@@ -55,7 +58,7 @@ model = L(VFNet)(
         top_block=L(LastLevelP6P7)(
             in_channels="${..out_channels}", out_channels="${..out_channels}", in_feature="p5"
         ),
-    ),
+    )),
     head=L(VFNetHead)(
         # The FPN's outputs p3-p7: its channels and strides.
         input_shape=[ShapeSpec(channels=256, stride=s) for s in STRIDES],
@@ -88,9 +91,9 @@ model = L(VFNet)(
     test_topk_candidates=1000,
     test_nms_thresh=0.6,
     max_detections_per_image=100,
-    # The MSRA R-50 weights' (BGR; their std is folded into conv1).
-    pixel_mean=[103.530, 116.280, 123.675],
-    pixel_std=[1.0, 1.0, 1.0],
+    # torchvision's ImageNet normalisation (RGB), as the official config.
+    pixel_mean=[123.675, 116.28, 103.53],
+    pixel_std=[58.395, 57.12, 57.375],
 )
 
 dataloader = OmegaConf.create()
@@ -104,7 +107,7 @@ dataloader.train = L(build_resumable_train_loader)(
             L(T.ResizeShortestEdge)(short_edge_length=(800,), max_size=1333, sample_style="choice"),
             L(T.RandomFlip)(horizontal=True),
         ],
-        image_format="BGR",
+        image_format="RGB",
         load_truncated_images=False,
     ),
     total_batch_size=16,
@@ -165,7 +168,8 @@ lr_multiplier = L(WarmupParamScheduler)(
 # and the training loader; negative: random) and this config's values.
 train = dict(
     output_dir="output/vfnet_R_50_FPN_1x",
-    init_checkpoint="detectron2://ImageNetPretrained/MSRA/R-50.pkl",
+    # torchvision's ImageNet ResNet-50, converted once (configs/VFNet_R_50_FPN_1x.yaml says how).
+    init_checkpoint="pretrained/resnet50_d2.pth",
     max_iter=87960,
     amp=dict(enabled=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),

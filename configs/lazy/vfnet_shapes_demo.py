@@ -14,12 +14,13 @@ from .vfnet_R_50_FPN_1x import STRIDES, dataloader, lr_multiplier, model, optimi
 # ResNet-18 with trainable BatchNorm, statistics included, nothing frozen (MODEL.RESNETS.DEPTH 18,
 # NORM "BN", BACKBONE.FREEZE_AT 0, NORM_EVAL False: the ResNet without R-50's
 # freeze_batchnorm_statistics), FPN and head of 64 channels, 4 classes.
-model.backbone.bottom_up = model.backbone.bottom_up.module  # (omegaconf copies the node)
-bottom_up = model.backbone.bottom_up
+fpn = model.backbone.fpn  # (under xavier_init_fpn, the official neck init)
+fpn.bottom_up = fpn.bottom_up.module  # (omegaconf copies the node)
+bottom_up = fpn.bottom_up
 bottom_up.stem.norm = "BN"
 bottom_up.stages = L(ResNet.make_default_stages)(depth=18, norm="BN")
 bottom_up.freeze_at = 0
-model.backbone.out_channels = 64
+fpn.out_channels = 64
 model.head.input_shape = [ShapeSpec(channels=64, stride=s) for s in STRIDES]
 model.num_classes = 4
 model.pixel_mean = [127.5, 127.5, 127.5]
@@ -30,6 +31,7 @@ model.pixel_std = [64.0, 64.0, 64.0]
 dataloader.train.dataset.names = "vfnet_shapes_train"
 dataloader.train.mapper.augmentations[0].short_edge_length = (96, 112, 128)
 dataloader.train.mapper.augmentations[0].max_size = 192
+dataloader.train.mapper.image_format = "BGR"  # INPUT.FORMAT of the YAML demo (R-50's is RGB)
 dataloader.train.total_batch_size = 8
 dataloader.train.num_workers = 1
 dataloader.test.dataset.names = "vfnet_shapes_val"

@@ -418,18 +418,24 @@ def convert_imagenet_backbone(
     state_dict: Mapping[str, Tensor],
 ) -> Tuple["OrderedDict[str, Tensor]", Dict[str, List[str]]]:
     """
-    Convert an ImageNet Res2Net checkpoint of MMDetection's model zoo (e.g.
-    ``open-mmlab://res2net101_v1d_26w_4s``: the backbone's keys without ``backbone.``) to the
-    names of this project's ``backbone.bottom_up`` (``MODEL.WEIGHTS`` of a Res2Net training
-    config; the FPN and the head are left to their initialisation). The classifier ``fc.*``,
-    if any, is dropped with the ``num_batches_tracked`` counters.
+    Convert the ImageNet backbone of an official VarifocalNet config to the names of this
+    project's ``backbone.bottom_up`` (``MODEL.WEIGHTS`` of a training config; the neck and the
+    head are left to their initialisation). Accepted, as their keys are (no ``backbone.``):
+
+    * torchvision's ResNet-50/101 (``torchvision://resnet50``: ``IMAGENET1K_V1``) and
+      open-mmlab's ResNeXt-101 32x4d / 64x4d (``open-mmlab://resnext101_32x4d``): torchvision's
+      names, pytorch style (``MODEL.RESNETS.STRIDE_IN_1X1 False``, RGB, ImageNet mean/std);
+    * MMDetection's Res2Net v1d (``open-mmlab://res2net101_v1d_26w_4s``).
+
+    The classifier ``fc.*`` is dropped with the BatchNorm ``num_batches_tracked`` counters.
 
     Returns:
         (converted, report) as :func:`convert_mmdet_to_d2`.
 
     Raises:
         ConversionError: the keys carry ``backbone.`` (a detector: use
-            :func:`convert_mmdet_to_d2`), it is not a Res2Net, or a key matches no rule.
+            :func:`convert_mmdet_to_d2`), it is neither a ResNet/ResNeXt nor a Res2Net, or a key
+            matches no rule.
     """
     detector = [k for k in state_dict if k.startswith(("backbone.", "bbox_head.", "neck."))]
     if detector:
@@ -438,16 +444,21 @@ def convert_imagenet_backbone(
             "without --imagenet."
         )
     prefixed = {f"backbone.{k}": v for k, v in state_dict.items()}
-    if not is_res2net(prefixed):
+    if is_res2net(prefixed):
+        net, rules = "Res2Net", _RES2NET_BACKBONE
+    elif {"conv1.weight", "layer1.0.conv1.weight"} <= set(state_dict):
+        net, rules = "ResNet/ResNeXt", _RESNET_BACKBONE
+    else:
         raise ConversionError(
-            "Not an ImageNet Res2Net checkpoint: key 'layer1.0.convs.0.weight' is missing "
-            f"(first keys: {list(state_dict)[:5]})."
+            "Not an ImageNet ResNet, ResNeXt or Res2Net checkpoint: neither 'conv1.weight' and "
+            "'layer1.0.conv1.weight' (ResNet/ResNeXt) nor 'layer1.0.convs.0.weight' (Res2Net) "
+            f"is among its keys (first keys: {list(state_dict)[:5]})."
         )
-    converted, report, unknown = _apply_rules(prefixed, _RES2NET_BACKBONE + _IMAGENET_CLASSIFIER)
+    converted, report, unknown = _apply_rules(prefixed, rules + _IMAGENET_CLASSIFIER)
     if unknown:
         unknown = [k[len("backbone.") :] for k in unknown]
         raise ConversionError(
-            f"{len(unknown)} key(s) of the checkpoint match no Res2Net rule, first "
+            f"{len(unknown)} key(s) of the checkpoint match no {net} rule, first "
             f"'{unknown[0]}': {unknown[:10]}."
         )
     return converted, report
@@ -722,13 +733,23 @@ def load_checkpoint(path: str, allow_unsafe: bool = False):
     )
 
 
+# The DCNv2 offset convs of a backbone: an ImageNet checkpoint has none (the classification
+# network has plain 3x3 convs there); a DCN config initialises them to zero offsets.
+BACKBONE_OFFSET_CONV = re.compile(r"backbone\.bottom_up\.res[2-5]\.\d+\.conv2_offset(\.\d+)?\.(weight|bias)")
+
+
 def check_against_model(
-    converted: Mapping[str, Tensor], config_file: str, opts=(), prefix: str = ""
+    converted: Mapping[str, Tensor],
+    config_file: str,
+    opts=(),
+    prefix: str = "",
+    model_init: Optional["re.Pattern"] = None,
 ) -> List[str]:
     """
     Build the model of `config_file` (with the overrides `opts`, KEY VALUE pairs) on the CPU;
     return a list of problems of `converted` against its state dict (empty when it fits): of the
-    model's keys, those starting with `prefix` must all be in `converted`. Needs Detectron2.
+    model's keys, those starting with `prefix` must all be in `converted`, except those that
+    `model_init` matches (left to the model's initialisation). Needs Detectron2.
     """
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -745,6 +766,8 @@ def check_against_model(
     problems = []
     for k in model_sd:
         # BatchNorm's step counter (dropped by the conversion) plays no part in the forward.
+        if model_init is not None and model_init.fullmatch(k):
+            continue
         if k.startswith(prefix) and k not in converted and not k.endswith("num_batches_tracked"):
             problems.append(f"missing in checkpoint: {k} {tuple(model_sd[k].shape)}")
     for k, v in converted.items():
@@ -781,7 +804,7 @@ def convert_checkpoint_file(
     imagenet: bool = False,
 ) -> str:
     """
-    Convert the MMDetection checkpoint file `src` (with `imagenet`: an ImageNet Res2Net backbone,
+    Convert the MMDetection checkpoint file `src` (with `imagenet`: an ImageNet backbone,
     :func:`convert_imagenet_backbone`, checked against the config's ``backbone.bottom_up`` only)
     and write
     ``{"model": state_dict, "__author__": "mmdetection", "matching_heuristics": False}`` to
@@ -817,7 +840,9 @@ def convert_checkpoint_file(
 
     if config_file:
         prefix = "backbone.bottom_up." if imagenet else ""
-        problems = check_against_model(converted, config_file, opts, prefix)
+        # An ImageNet backbone for a DCN config: the offset convs start from the model's init.
+        model_init = BACKBONE_OFFSET_CONV if imagenet else None
+        problems = check_against_model(converted, config_file, opts, prefix, model_init)
         if problems:
             lines = "\n  ".join(problems)
             raise ConversionError(

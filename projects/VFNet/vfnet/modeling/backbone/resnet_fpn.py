@@ -97,9 +97,16 @@ def vfnet_fpn(cfg, bottom_up: Backbone) -> FPN:
         top_block=LastLevelP6P7(out_channels, out_channels, in_feature="p5"),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-    # The official neck's init (mmdet 2.10 FPN.init_weights): xavier-uniform, zero bias, where
-    # Detectron2's FPN has c2_xavier_fill (the same bound for the 3x3 convs, another for the
-    # laterals, whose fan-in and fan-out differ).
+    return xavier_init_fpn(fpn)
+
+
+def xavier_init_fpn(fpn: FPN) -> FPN:
+    """
+    The official neck's init (mmdet 2.10 FPN.init_weights) for `fpn`, in place: every conv of
+    the FPN (not of its bottom-up) xavier-uniform, zero bias, where Detectron2's FPN has
+    c2_xavier_fill (the same bound for the 3x3 convs, another for the 1x1 laterals, whose
+    fan-in and fan-out differ). Returns `fpn` (for LazyConfig: ``L(xavier_init_fpn)(fpn=...)``).
+    """
     for name, module in fpn.named_modules():
         if isinstance(module, nn.Conv2d) and not name.startswith("bottom_up."):
             nn.init.xavier_uniform_(module.weight)
