@@ -360,7 +360,7 @@ def test_train_net_with_both_flags_trains_and_evaluates_saying_what_was_left_out
     assert "'garbage.jpg' (image id 3)" in log
     assert re.search(r"truncated\.jpg' \(image id 2\) is truncated", log)  # registration
     assert re.search(r"Image '\S*truncated\.jpg' is truncated", log)  # the data loaders
-    assert "Removed 0 images with no usable annotations. 2 images left." in log
+    assert "MMDetection's filter: 2 of 2 images kept" in log  # the training set (DATALOADER.TRAIN_FILTER)
     assert "Start inference on 2 batches" in log
     assert "The evaluation of 'damaged' covers 2 of 3 images" in log
     assert re.search(r"copypaste: [\d.]+,[\d.]+", log)

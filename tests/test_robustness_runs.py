@@ -362,7 +362,7 @@ def test_unusual_images_train_and_evaluate_and_an_untrained_model_scores_0(tmp_p
         "1",
     )
     n = len(sizes)
-    assert f"Removed 0 images with no usable annotations. {n} images left." in log
+    assert f"MMDetection's filter: {n} of {n} images kept" in log  # DATALOADER.TRAIN_FILTER "mmdet"
     assert f"Start inference on {n} batches" in log and "Total inference time" in log
     # The untrained model scores below the threshold everywhere: AP 0, not NaN.
     assert "its bbox AP is 0." in log

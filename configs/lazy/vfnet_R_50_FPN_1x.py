@@ -23,6 +23,7 @@ from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.solver import WarmupParamScheduler
 
 from vfnet.data.build import build_resumable_train_loader
+from vfnet.data.detection_utils import get_detection_dataset_dicts_as_mmdet
 from vfnet.data.mapper import VFNetDatasetMapper
 from vfnet.evaluation import VFNetCOCOEvaluator
 from vfnet.layers import freeze_batchnorm_statistics
@@ -100,7 +101,8 @@ dataloader = OmegaConf.create()
 # The project's resumable loader (vfnet/data/build.py): the batches of a resumed run are those
 # the interrupted run would have read; the data seed is train.seed.
 dataloader.train = L(build_resumable_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train", filter_empty=True),
+    # MMDetection's training-set filter, as DATALOADER.TRAIN_FILTER "mmdet" of the YAML configs.
+    dataset=L(get_detection_dataset_dicts_as_mmdet)(names="coco_2017_train", min_size=32),
     mapper=L(VFNetDatasetMapper)(
         is_train=True,
         augmentations=[

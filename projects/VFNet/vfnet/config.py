@@ -14,6 +14,12 @@ def add_vfnet_config(cfg):
     """
     # How images are resized: "PIL" (Detectron2's) or "cv2" (MMDetection's, for its weights).
     cfg.INPUT.RESIZE_BACKEND = "PIL"
+    # Which images and boxes of DATASETS.TRAIN are trained on: "detectron2" (images with a
+    # non-crowd annotation: DATALOADER.FILTER_EMPTY_ANNOTATIONS) or "mmdet" (the official recipe:
+    # images with an annotation and MIN_IMAGE_SIZE px or more on a side; boxes overlapping the
+    # image, 1 x 1 px or more, of positive area; vfnet/data/detection_utils.py).
+    cfg.DATALOADER.TRAIN_FILTER = "detectron2"
+    cfg.DATALOADER.MIN_IMAGE_SIZE = 32
 
     # Damaged image files of the datasets registered with --dataset (see vfnet/data/validation.py).
     # Images whose file is truncated but decodes as far as its data goes (PIL's

@@ -19,6 +19,7 @@ from detectron2.data.samplers import (
 )
 from detectron2.utils import comm
 
+from .detection_utils import get_detection_dataset_dicts_as_mmdet
 from .samplers import ResumableBatchSampler
 
 __all__ = ["SeededMapDataset", "build_resumable_train_loader"]
@@ -82,9 +83,18 @@ def _index_sampler(cfg, dataset_dicts: List[dict]) -> Callable[[int], TrainingSa
 
 
 def _train_loader_from_config(cfg, mapper: Callable[[dict], dict]) -> dict:
-    dataset_dicts = get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-    )
+    if cfg.DATALOADER.TRAIN_FILTER == "mmdet":
+        dataset_dicts = get_detection_dataset_dicts_as_mmdet(
+            cfg.DATASETS.TRAIN, cfg.DATALOADER.MIN_IMAGE_SIZE
+        )
+    elif cfg.DATALOADER.TRAIN_FILTER == "detectron2":
+        dataset_dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+    else:
+        raise ValueError(
+            f"DATALOADER.TRAIN_FILTER must be 'detectron2' or 'mmdet', got '{cfg.DATALOADER.TRAIN_FILTER}'."
+        )
     return {
         "dataset": dataset_dicts,
         "mapper": mapper,

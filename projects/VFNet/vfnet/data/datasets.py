@@ -10,7 +10,7 @@ import tempfile
 from typing import Dict, Iterable, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, register_coco_instances
+from detectron2.data.datasets import load_coco_json
 
 from .shapes import SHAPE_CLASSES, ensure_shapes_dataset
 from .validation import (
@@ -209,9 +209,13 @@ def register_coco_dataset(
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     # The evaluator reads the ground truth from the metadata's json_file: the cleaned copy, without
     # the dropped images, whose boxes would otherwise count as missed.
-    register_coco_instances(
-        name, {}, _write_temporary_json(coco, name) if actions or dropped else json_file, image_root
+    # Detectron2's register_coco_instances, with the annotations' "area" loaded too (MMDetection's
+    # training-set filter reads it: DATALOADER.TRAIN_FILTER "mmdet").
+    registered_json = _write_temporary_json(coco, name) if actions or dropped else json_file
+    DatasetCatalog.register(
+        name, lambda: load_coco_json(registered_json, image_root, name, extra_annotation_keys=["area"])
     )
+    MetadataCatalog.get(name).set(json_file=registered_json, image_root=image_root, evaluator_type="coco")
     # What `load_coco_json` sets when it loads the dataset, known now for the checks of the
     # number of classes.
     MetadataCatalog.get(name).set(
