@@ -31,3 +31,5 @@ optimizer.params = L(get_default_optimizer_params)()  # the optimizer's lr and w
 
 train.output_dir = "output/retinanet_vfl_R_50_FPN_1x"
 train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+# The MSRA weights read BGR (Detectron2's RetinaNet pixel mean); VFNet R-50's loader reads RGB.
+dataloader.train.mapper.image_format = "BGR"
