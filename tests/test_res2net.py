@@ -251,16 +251,24 @@ def train_net(root, output_dir, *args):
     return proc.stdout + proc.stderr
 
 
-def test_res2net50_vfnet_trains_and_evaluates(tiny, tmp_path):
-    log = train_net(tiny, tmp_path, "SOLVER.MAX_ITER", "2")
+DCN = ["MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, True]", "MODEL.RESNETS.DEFORM_MODULATED", "True",
+       "MODEL.VFNET.DCN_ON_LAST_CONV", "True"]  # fmt: skip
+
+
+@pytest.mark.parametrize("deform", [False, True], ids=["R2", "R2-DCN"])
+def test_res2net50_vfnet_trains_and_evaluates(tiny, tmp_path, deform):
+    """The R2-101 and R2-101-DCN families (at depth 50): train_net, then --eval-only."""
+    dcn = DCN if deform else []
+    log = train_net(tiny, tmp_path, "SOLVER.MAX_ITER", "2", *dcn)
     ckpt = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["iteration"] == 1
     assert "backbone.bottom_up.res3.0.conv2.2.weight" in ckpt["model"]
+    assert ("backbone.bottom_up.res3.0.conv2_offset.2.weight" in ckpt["model"]) == deform
     assert "backbone.bottom_up.stem.conv3.weight" in ckpt["model"]
     lines = [line for line in open(tmp_path / "metrics.json")]
     assert len(lines) >= 1 and "total_loss" in lines[0]
     out = tmp_path / "eval"
-    log = train_net(tiny, out, "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"))
+    log = train_net(tiny, out, "--eval-only", "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), *dcn)
     assert "copypaste: AP" in log
     assert os.path.isfile(out / "inference" / "coco_instances_results.json")
 

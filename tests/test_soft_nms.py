@@ -431,9 +431,10 @@ def test_vfnet_with_soft_nms_keeps_the_top_of_batched_soft_nms_of_its_candidates
     with torch.no_grad():
         (candidates,) = model.inference_candidates(inputs)
         (detections,) = [out["instances"] for out in model(inputs)]
-    assert len(candidates) > 300 and len(detections) == 100
     boxes, scores, classes = candidates.pred_boxes.tensor, candidates.scores, candidates.pred_classes
     keep, decayed = batched_soft_nms(boxes, scores, classes, 0.65, sigma=0.5, min_score=1e-3)
+    # (the linear decay takes many candidates below min_score: fewer than 100 may remain)
+    assert len(candidates) > 300 and len(detections) == min(100, len(keep)) > 50
     assert torch.equal(detections.pred_boxes.tensor, boxes[keep[:100]])
     assert torch.equal(detections.scores, decayed[:100])
     assert torch.equal(detections.pred_classes, classes[keep[:100]])
