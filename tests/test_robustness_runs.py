@@ -379,13 +379,20 @@ def metrics(output_dir):
 
 
 def checkpoint_state(path):
-    """What a checkpoint holds of a run: iteration, weights, momenta, LR scheduler, data seed."""
+    """
+    What a checkpoint holds of a run: iteration, weights, the optimizer's state (AdamW's moments
+    and step counts, the demo's optimizer; SGD's momenta), LR scheduler, data seed.
+    """
     ckpt = torch.load(path, weights_only=False)
     trainer = ckpt["trainer"]
     return {
         "iteration": ckpt["iteration"],
         "model": ckpt["model"],
-        "momenta": [s["momentum_buffer"] for s in trainer["_trainer"]["optimizer"]["state"].values()],
+        "optimizer_state": [
+            value
+            for state in trainer["_trainer"]["optimizer"]["state"].values()
+            for _, value in sorted(state.items())
+        ],
         "hooks": trainer["hooks"],
         "data_loader": trainer["data_loader"],
     }

@@ -236,3 +236,52 @@ def test_backgrounds_are_drawn_only_of_the_kinds_asked_for():
     # (mean |difference| <= 4); noise backgrounds add an amplitude of 10-40 (>= 6.7).
     assert max(roughness("gradient", i) for i in range(20)) < 4.5
     assert min(roughness("noise", i) for i in range(20)) > 6
+
+
+def _orientation_deg(mask):
+    """
+    Orientation of a mask's principal axis from its second moments, in degrees in (-90, 90], and
+    the ratio of the moments' eigenvalues (1 for a square or a disc, where the axis is undefined).
+    """
+    ys, xs = np.nonzero(mask)
+    xs, ys = xs - xs.mean(), ys - ys.mean()
+    cov = np.cov(np.stack([xs, ys]))
+    low, high = np.linalg.eigvalsh(cov)
+    angle = np.degrees(0.5 * np.arctan2(2 * cov[0, 1], cov[0, 0] - cov[1, 1]))
+    return angle, high / low
+
+
+def test_max_rotation_zero_draws_axis_aligned_shapes():
+    rng = np.random.default_rng(3)
+    rectangles = 0
+    for _ in range(30):
+        _, masks, labels = draw_scene(rng, 160, 160, max_rotation=0.0, max_occlusion=0.0)
+        for mask, label in zip(masks, labels):
+            if SHAPE_CLASSES[label] == "rectangle":
+                # An unrotated rectangle fills its box (up to the anti-aliased rim).
+                x, y, w, h = mask_to_xywh(mask)
+                assert mask.sum() >= (w - 2) * (h - 2)
+                rectangles += 1
+    assert rectangles >= 10
+
+
+def test_max_rotation_bounds_the_orientation():
+    # Stretched rectangles (aspect >= 1.5) have a well-defined principal axis: the unrotated one is
+    # along x or y, so with a rotation of at most 30 deg the axis stays within 30 deg of x or y.
+    rng = np.random.default_rng(4)
+    angles = {30.0: [], 180.0: []}
+    for max_rotation in angles:
+        for _ in range(60):
+            _, masks, labels = draw_scene(
+                rng, 160, 160, max_rotation=max_rotation, max_occlusion=0.0, min_object_size=30
+            )
+            for mask, label in zip(masks, labels):
+                if SHAPE_CLASSES[label] != "rectangle":
+                    continue
+                a, elongation = _orientation_deg(mask)
+                if elongation >= 1.5 ** 2:
+                    off_axis = min(abs(a), 90 - abs(a))
+                    angles[max_rotation].append(off_axis)
+    assert len(angles[30.0]) >= 10 and max(angles[30.0]) <= 31
+    # Any rotation: off-axis angles spread over [0, 45], so the bound above is not vacuous.
+    assert max(angles[180.0]) > 35

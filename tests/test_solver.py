@@ -156,3 +156,45 @@ def test_gradient_clipping_keeps_working(param_groups):
     # The gradients clipped to 1 (the weights at 0: no decay term), stepped by each group's lr.
     assert model.weight.item() == pytest.approx(-LR)
     assert model.bias.item() == pytest.approx(-2 * LR)
+
+
+@pytest.mark.parametrize("param_groups, expected", [("mmdet", MMDET), ("detectron2", DETECTRON2)])
+def test_adamw_has_the_same_groups_and_the_configured_betas(param_groups, expected):
+    from vfnet.solver import build_optimizer
+
+    model = Tiny()
+    cfg = solver_cfg(param_groups, "SOLVER.OPTIMIZER", "AdamW", "SOLVER.BETAS", "(0.8, 0.99)")
+    optimizer = build_optimizer(cfg, model)
+    assert type(optimizer) is torch.optim.AdamW
+    assert groups_by_name(optimizer, model) == expected
+    assert all(group["betas"] == (0.8, 0.99) for group in optimizer.param_groups)
+
+
+def test_adamw_first_step_by_hand():
+    # AdamW's first step: the decoupled decay p x (1 - lr x wd), then -lr x m / (sqrt(v) + eps)
+    # with the bias-corrected moments m = g, v = g^2: -lr x sign(g), up to eps.
+    from vfnet.solver import build_optimizer
+
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[2.0, -3.0]]))
+        model.bias.fill_(0.5)
+    cfg = solver_cfg("detectron2", "SOLVER.OPTIMIZER", "AdamW")
+    optimizer = build_optimizer(cfg, model)
+    model.weight.grad = torch.tensor([[0.3, -7.0]])
+    model.bias.grad = torch.tensor([-1e-3])
+    optimizer.step()
+    torch.testing.assert_close(
+        model.weight.detach(),
+        torch.tensor([[2.0 * (1 - LR * WD) - LR, -3.0 * (1 - LR * WD) + LR]]),
+        rtol=0, atol=1e-6,
+    )  # fmt: skip
+    # The bias: lr x 2 (BIAS_LR_FACTOR), no decay (WEIGHT_DECAY_BIAS 0).
+    torch.testing.assert_close(model.bias.detach(), torch.tensor([0.5 + 2 * LR]), rtol=0, atol=1e-5)
+
+
+def test_an_unknown_optimizer_is_refused():
+    from vfnet.solver import build_optimizer
+
+    with pytest.raises(ValueError, match='SOLVER.OPTIMIZER is "Adam"'):
+        build_optimizer(solver_cfg("mmdet", "SOLVER.OPTIMIZER", "Adam"), Tiny())

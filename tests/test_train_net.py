@@ -234,6 +234,7 @@ def test_configs_train_for_the_official_epochs():
         s = cfg.SOLVER
         assert tuple(s.STEPS) == tuple(e * ITERS_PER_EPOCH for e in steps), path
         assert s.MAX_ITER == epochs * ITERS_PER_EPOCH, path
+        assert s.OPTIMIZER == "SGD", path
         assert (s.IMS_PER_BATCH, s.BASE_LR, s.MOMENTUM, s.WEIGHT_DECAY) == (BATCH, BASE_LR, 0.9, WEIGHT_DECAY)
         assert (s.WARMUP_METHOD, s.WARMUP_FACTOR, s.WARMUP_ITERS) == ("linear", 0.1, 500), path
         # VFNet's paramwise_cfg; the official vfl_retinanet config has none (one group).

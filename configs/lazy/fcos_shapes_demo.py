@@ -3,7 +3,7 @@ Detectron2's own FCOS (detectron2.modeling.meta_arch.fcos.FCOS, as its
 configs/COCO-Detection/fcos_R_50_FPN_1x.py builds it) on the demo of vfnet_shapes_demo.py, for a
 side-by-side comparison with VFNet: the same backbone (ResNet-18 with BatchNorm from scratch,
 FPN P3-P7 of 64 channels, P6 from P5 as FCOS has it), pixel mean and std, data, input sizes,
-schedule, optimizer (the official VFNet parameter groups, lr 0.03) and seed.
+schedule, optimizer (AdamW, lr 0.001) and seed.
 
     python tools/lazyconfig_train_net.py --config-file configs/lazy/fcos_shapes_demo.py
 

@@ -1,7 +1,7 @@
 """
 The config keys of VFNet (`MODEL.VFNET.*`, `INPUT.RESIZE_BACKEND`, `DATASETS.LOAD_TRUNCATED_IMAGES`,
 `DATASETS.DROP_UNREADABLE_IMAGES`, `TEST.AMP.*`, `TEST.AUG.MAX_SIZES`, `SOLVER.PARAM_GROUPS`,
-`SOLVER.SWA.*`, `TEST.GALLERY.*`, `MODEL.RES2NET.*`, `MODEL.BACKBONE.NORM_EVAL`), the IoU-aware losses
+`SOLVER.OPTIMIZER`, `SOLVER.BETAS`, `SOLVER.SWA.*`, `TEST.GALLERY.*`, `MODEL.RES2NET.*`, `MODEL.BACKBONE.NORM_EVAL`), the IoU-aware losses
 of `MODEL.RETINANET` and their defaults.
 """
 from detectron2.config import CfgNode as CN
@@ -96,6 +96,11 @@ def add_vfnet_config(cfg):
     # "detectron2": Detectron2's get_default_optimizer_params, every parameter named bias (norm
     # layers' included). configs/Base-VFNet.yaml sets "mmdet".
     cfg.SOLVER.PARAM_GROUPS = "detectron2"
+    # The optimizer (vfnet/solver/build.py): "SGD" (Detectron2's, SOLVER.MOMENTUM and NESTEROV)
+    # or "AdamW" (torch.optim.AdamW with SOLVER.BETAS); both over SOLVER.PARAM_GROUPS, with
+    # SOLVER.BASE_LR and WEIGHT_DECAY.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.BETAS = (0.9, 0.999)
 
     # The pictures at the end of training (vfnet/engine/hooks.py Pictures): the first NUM_IMAGES
     # images of DATASETS.TEST[0] with the detections scoring >= SCORE_THRESH drawn by Detectron2's

@@ -27,14 +27,17 @@ from .validation import (
 logger = logging.getLogger(__name__)
 
 SHAPES_DATASETS = {"vfnet_shapes_train": "train", "vfnet_shapes_val": "val"}
-# The registered shapes dataset (see shapes.draw_scene): 1 to 3 objects per image, of 24 px and
-# more, up to 0.6 of the image's shorter side, aspect ratios up to 2, at most 10% occluded, box
-# IoU at most 0.2, on noise or gradient backgrounds; no empty images.
+# The registered shapes dataset (see shapes.draw_scene): 96-128 px images, 1 to 3 objects per
+# image, of 24 px and more, up to 0.6 of the image's shorter side, aspect ratios up to 2, upright
+# (no rotation), at most 10% occluded, box IoU at most 0.2, on noise or gradient backgrounds; no
+# empty images.
 SHAPES_PARAMS = {
+    "image_size": (96, 128),
     "min_object_size": 24,
     "max_object_frac": 0.6,
     "max_objects": 3,
     "max_aspect": 2.0,
+    "max_rotation": 0.0,
     "max_occlusion": 0.1,
     "max_box_iou": 0.2,
     "empty_prob": 0.0,

@@ -110,11 +110,12 @@ def _random_triangle(rng, min_angle_deg=25.0):
     return np.array([[0.0, 0.0], [1.0, 0.0], [r * math.cos(a), r * math.sin(a)]])
 
 
-def _unit_shape(rng, label, max_aspect):
+def _unit_shape(rng, label, max_aspect, max_rotation=180.0):
     """
     Returns:
-        list of (N, 2) arrays: convex polygons (x, y) whose union is a random, randomly rotated
-        shape of class ``label``, in arbitrary units.
+        list of (N, 2) arrays: convex polygons (x, y) whose union is a random shape of class
+        ``label``, in arbitrary units, rotated by an angle uniform in [-max_rotation,
+        max_rotation] degrees (any angle for 180).
     """
     name = SHAPE_CLASSES[label]
     stretch = math.sqrt(math.exp(rng.uniform(-math.log(max_aspect), math.log(max_aspect))))
@@ -132,7 +133,10 @@ def _unit_shape(rng, label, max_aspect):
         polygons = [_axis_box(sx, half_thickness, bar_y), _axis_box(half_thickness, sy)]
     else:
         raise ValueError(f"Unknown shape {name}")
-    theta = rng.uniform(0, 2 * np.pi)
+    if max_rotation >= 180.0:
+        theta = rng.uniform(0, 2 * np.pi)
+    else:
+        theta = math.radians(rng.uniform(-max_rotation, max_rotation))
     rotation = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
     return [p @ rotation for p in polygons]
 
@@ -204,6 +208,7 @@ def draw_scene(
     min_object_size=10,
     max_object_frac=0.7,
     max_aspect=3.0,
+    max_rotation=180.0,
     max_occlusion=0.4,
     max_box_iou=0.6,
     min_contrast=96,
@@ -214,7 +219,8 @@ def draw_scene(
     Draws one image: a random background and, with probability ``1 - empty_prob``, 1..max_objects
     flat-coloured shapes on top of each other. The longer box side of a shape is uniform in
     [min_object_size, max_object_frac * min(height, width)] pixels; ellipses, rectangles and crosses
-    are stretched to aspect ratios up to ``max_aspect`` (either way) and every shape is rotated.
+    are stretched to aspect ratios up to ``max_aspect`` (either way) and every shape is rotated by
+    an angle uniform in [-max_rotation, max_rotation] degrees.
     A placement is retried (at most ``max_attempts`` times, then the object is dropped) if it hides
     more than ``max_occlusion`` of an earlier object's pixels or if its box IoU with an earlier one
     exceeds ``max_box_iou``. The background is one of ``backgrounds`` (of BACKGROUNDS).
@@ -236,7 +242,7 @@ def draw_scene(
         label = int(rng.integers(len(SHAPE_CLASSES)))
         for _ in range(max_attempts):
             size = rng.uniform(min_object_size, max_size)
-            polygons = _place(rng, _unit_shape(rng, label, max_aspect), size, height, width)
+            polygons = _place(rng, _unit_shape(rng, label, max_aspect, max_rotation), size, height, width)
             mask = _rasterize(polygons, height, width)
             if not mask.any():
                 continue

@@ -188,4 +188,4 @@ class Pictures(HookBase):
         for name, res in (self.results() or {}).items():
             if isinstance(res, dict) and "AP" in res:
                 logger.info(f"{name}: AP {res['AP']:.1f}, AP50 {res['AP50']:.1f}, AP75 {res['AP75']:.1f}")
-        logger.info("Pictures: " + ", ".join(paths))
+        logger.info("Pictures: " + ", ".join(os.path.abspath(p) for p in paths))

@@ -28,8 +28,11 @@ from typing import Any, Dict, List, Optional, Set
 
 import torch
 from detectron2.layers import DeformConv, ModulatedDeformConv
-from detectron2.solver import build_optimizer as build_detectron2_optimizer
-from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
+from detectron2.solver.build import (
+    get_default_optimizer_params,
+    maybe_add_gradient_clipping,
+    reduce_param_groups,
+)
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -114,17 +117,25 @@ def get_mmdet_optimizer_params(
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """
-    SGD as Detectron2's ``build_optimizer`` builds it (SOLVER.BASE_LR, MOMENTUM, NESTEROV,
-    WEIGHT_DECAY, and SOLVER.CLIP_GRADIENTS), over the parameter groups of
+    The optimizer SOLVER.OPTIMIZER names over the parameter groups of SOLVER.PARAM_GROUPS,
+    with SOLVER.CLIP_GRADIENTS as Detectron2's ``build_optimizer`` adds it:
+
+    * "SGD": as Detectron2's ``build_optimizer`` builds it (SOLVER.BASE_LR, MOMENTUM, NESTEROV,
+      WEIGHT_DECAY);
+    * "AdamW": ``torch.optim.AdamW`` (SOLVER.BASE_LR, BETAS, WEIGHT_DECAY), as Detectron2's
+      LazyConfigs build it (e.g. its ViTDet configs).
+
     SOLVER.PARAM_GROUPS: "mmdet" (:func:`get_mmdet_optimizer_params`, the official
     VarifocalNet's) or "detectron2" (Detectron2's ``get_default_optimizer_params``).
     """
     style = cfg.SOLVER.PARAM_GROUPS
-    if style == "detectron2":
-        return build_detectron2_optimizer(cfg, model)
-    if style != "mmdet":
+    group_builders = {"mmdet": get_mmdet_optimizer_params, "detectron2": get_default_optimizer_params}
+    if style not in group_builders:
         raise ValueError(f'SOLVER.PARAM_GROUPS is "{style}": use "mmdet" or "detectron2".')
-    params = get_mmdet_optimizer_params(
+    name = cfg.SOLVER.OPTIMIZER
+    if name not in ("SGD", "AdamW"):
+        raise ValueError(f'SOLVER.OPTIMIZER is "{name}": use "SGD" or "AdamW".')
+    params = group_builders[style](
         model,
         base_lr=cfg.SOLVER.BASE_LR,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
@@ -132,12 +143,21 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
     )
-    optimizer = torch.optim.SGD(
-        params,
-        lr=cfg.SOLVER.BASE_LR,
-        momentum=cfg.SOLVER.MOMENTUM,
-        nesterov=cfg.SOLVER.NESTEROV,
-        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        foreach=True,
-    )
+    if name == "SGD":
+        optimizer = torch.optim.SGD(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            momentum=cfg.SOLVER.MOMENTUM,
+            nesterov=cfg.SOLVER.NESTEROV,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            foreach=True,
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            betas=tuple(cfg.SOLVER.BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            foreach=True,
+        )
     return maybe_add_gradient_clipping(cfg, optimizer)
