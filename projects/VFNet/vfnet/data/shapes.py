@@ -242,7 +242,8 @@ def draw_scene(
         label = int(rng.integers(len(SHAPE_CLASSES)))
         for _ in range(max_attempts):
             size = rng.uniform(min_object_size, max_size)
-            polygons = _place(rng, _unit_shape(rng, label, max_aspect, max_rotation), size, height, width)
+            shape = _unit_shape(rng, label, max_aspect, max_rotation)
+            polygons = _place(rng, shape, size, height, width)
             mask = _rasterize(polygons, height, width)
             if not mask.any():
                 continue

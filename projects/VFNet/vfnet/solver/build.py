@@ -144,20 +144,12 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
     )
     if name == "SGD":
-        optimizer = torch.optim.SGD(
-            params,
-            lr=cfg.SOLVER.BASE_LR,
-            momentum=cfg.SOLVER.MOMENTUM,
-            nesterov=cfg.SOLVER.NESTEROV,
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-            foreach=True,
+        optimizer_type, extra = torch.optim.SGD, dict(
+            momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV
         )
     else:
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=cfg.SOLVER.BASE_LR,
-            betas=tuple(cfg.SOLVER.BETAS),
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-            foreach=True,
-        )
+        optimizer_type, extra = torch.optim.AdamW, dict(betas=tuple(cfg.SOLVER.BETAS))
+    optimizer = optimizer_type(
+        params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, foreach=True, **extra
+    )
     return maybe_add_gradient_clipping(cfg, optimizer)
