@@ -311,6 +311,78 @@ def test_an_unknown_loss_type_names_the_key():
 
 
 # ---------------------------------------------------------------------------------------------
+# VFNet's own switch (MODEL.VFNET.CLS_LOSS_TYPE), at 800 x 1333
+# ---------------------------------------------------------------------------------------------
+
+
+def vfnet_losses(kind, monkeypatch):
+    """
+    VFNet R-18 (3 classes, the same weights for every `kind`) on an 800 x 1333 image with
+    gt_instances(): its losses, and the logits and targets its IoU-aware loss was given (VFL's
+    or QFL's, captured; None for the focal loss).
+    """
+    from vfnet.modeling.meta_arch import vfnet as vfnet_module
+
+    from helpers import small_cfg
+
+    seen = {}
+
+    def spy(fn):
+        def wrapper(logits, targets, *args, **kwargs):
+            seen.update(logits=logits.detach().double(), targets=targets.detach().double())
+            return fn(logits, targets, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("varifocal_loss", "quality_focal_loss"):
+        monkeypatch.setattr(vfnet_module, name, spy(getattr(vfnet_module, name)))
+    torch.manual_seed(0)
+    model = build_model(small_cfg("MODEL.VFNET.CLS_LOSS_TYPE", kind))
+    assert model.cls_loss_type == kind
+    torch.manual_seed(1)
+    image = torch.rand(3, 800, 1333) * 255
+    with EventStorage():
+        losses = model([{"image": image, "instances": gt_instances()[0]}])
+    return losses, seen.get("logits"), seen.get("targets")
+
+
+def test_vfnet_cls_loss_switch_is_the_independent_computation_on_the_same_targets(monkeypatch):
+    vfl, logits, q = vfnet_losses("varifocal", monkeypatch)
+    # The IoU-aware targets: one class per positive location, its IoU in (0, 1].
+    positive = (q > 0).any(dim=-1)
+    num_pos = int(positive.sum())
+    assert num_pos > 20 and bool(((q > 0).sum(-1) <= 1).all()) and float(q.max()) <= 1.0
+    p = logits.sigmoid()
+    bce = -(q * p.log() + (1 - q) * (1 - p).log())
+
+    qfl, qfl_logits, qfl_q = vfnet_losses("quality_focal", monkeypatch)
+    assert torch.equal(qfl_logits, logits) and torch.equal(qfl_q, q)  # same model, same targets
+    want = (bce * (q - p).abs() ** 2).sum() / num_pos
+    assert float(qfl["loss_cls"]) == pytest.approx(float(want), rel=1e-5)
+    want = (bce * torch.where(q > 0, q, 0.75 * p**2)).sum() / num_pos
+    assert float(vfl["loss_cls"]) == pytest.approx(float(want), rel=1e-5)
+
+    fl, _, _ = vfnet_losses("focal", monkeypatch)
+    # The focal loss on the one-hot ATSS labels: 1 at the positives' class.
+    t = (q > 0).double()
+    p_t = torch.where(t > 0, p, 1 - p)
+    alpha_t = torch.where(t > 0, 0.25, 0.75)
+    want = (-alpha_t * (1 - p_t) ** 2 * p_t.log()).sum() / num_pos
+    assert float(fl["loss_cls"]) == pytest.approx(float(want), rel=1e-5)
+    # Only the classification loss changes.
+    for other in (qfl, fl):
+        for key in ("loss_bbox", "loss_bbox_refine"):
+            assert torch.equal(other[key], vfl[key]), key
+
+
+def test_vfnet_unknown_loss_type_names_the_key():
+    from helpers import small_cfg
+
+    with pytest.raises(ValueError, match=r"MODEL.VFNET.CLS_LOSS_TYPE.*'focal', 'varifocal'"):
+        build_model(small_cfg("MODEL.VFNET.CLS_LOSS_TYPE", "vfl"))
+
+
+# ---------------------------------------------------------------------------------------------
 # tools/train_net.py and tools/lazyconfig_train_net.py
 # ---------------------------------------------------------------------------------------------
 

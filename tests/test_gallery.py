@@ -43,13 +43,28 @@ def test_detections_above_the_threshold_are_drawn_on_the_original_image(tmp_path
     metadata = MetadataCatalog.get("gallery_test")
     metadata.thing_classes = ["thing"]
     model = OneDetectionPerScore().train()
-    (drawing,) = draw_detections(model, lambda d: d, dicts, metadata, score_thresh=0.3)
+    (drawing,) = draw_detections(model, lambda d: d, dicts, metadata, score_thresh=0.3, min_size=120)
     assert model.training  # given back in its mode
     assert drawing.shape == (120, 160, 3) and drawing.dtype == np.uint8
     changed = (drawing.astype(int) - image).any(axis=2)
     # The 0.9 box's outline is drawn; the 0.1 box is not (nothing inside its region changes).
     assert changed[10:31, 10].mean() > 0.8 and changed[10, 10:41].mean() > 0.8
     assert not changed[78:113, 108:153].any()
+
+
+def test_small_images_are_drawn_enlarged_to_the_minimum_size(tmp_path):
+    image = np.full((120, 160, 3), 128, np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    dicts = [{"file_name": str(tmp_path / "a.png"), "image_id": 1, "height": 120, "width": 160}]
+    metadata = MetadataCatalog.get("gallery_test")
+    metadata.thing_classes = ["thing"]
+    (drawing,) = draw_detections(OneDetectionPerScore(), lambda d: d, dicts, metadata, 0.3, min_size=360)
+    # x3: the shorter side 120 -> 360; the image itself is the original, enlarged.
+    assert drawing.shape == (360, 480, 3)
+    changed = (drawing.astype(int) - 128).any(axis=2)
+    # The 0.9 box (10, 10)-(40, 30) at x3: (30, 30)-(120, 90); the 0.1 box's region untouched.
+    assert changed[30:91, 30].mean() > 0.8 and changed[30, 30:121].mean() > 0.8
+    assert not changed[100:170, 160:240].any() and not changed[234:339, 324:459].any()
 
 
 def test_the_pictures_are_made_when_training_completes_and_not_after_a_failure(tmp_path, caplog):

@@ -63,7 +63,7 @@ def assert_same_structure(ymodel, lmodel):
         assert torch.equal(value, ystate[name]), name
     for attr in ("num_classes", "test_score_thresh", "test_topk_candidates", "test_nms_thresh",
                  "max_detections_per_image", "loss_bbox_weight", "loss_bbox_refine_weight",
-                 "vfl_alpha", "vfl_gamma", "iou_weighted", "use_vfl", "head_in_features"):  # fmt: skip
+                 "vfl_alpha", "vfl_gamma", "iou_weighted", "cls_loss_type", "qfl_beta", "head_in_features"):  # fmt: skip
         assert getattr(lmodel, attr) == getattr(ymodel, attr), attr
     assert torch.equal(lmodel.pixel_mean, ymodel.pixel_mean)
     assert torch.equal(lmodel.pixel_std, ymodel.pixel_std)

@@ -71,13 +71,14 @@ def test_r50_head_has_the_official_layers():
     "opts",
     [
         [],
-        ["MODEL.VFNET.USE_VFL", "False"],
+        ["MODEL.VFNET.CLS_LOSS_TYPE", "focal"],
+        ["MODEL.VFNET.CLS_LOSS_TYPE", "quality_focal"],
         ["MODEL.VFNET.USE_STAR_DCN", "False"],
         ["MODEL.VFNET.USE_REFINE", "False"],
         ["MODEL.VFNET.BBOX_NORM_TYPE", "stride"],
         ["MODEL.VFNET.DCN_ON_LAST_CONV", "True"],
     ],
-    ids=["default", "focal_loss", "no_star_dcn", "no_refine", "stride_norm", "dcn_tower"],
+    ids=["default", "focal_loss", "quality_focal_loss", "no_star_dcn", "no_refine", "stride_norm", "dcn_tower"],
 )
 def test_training_step_gives_finite_losses_and_gradients_on_every_parameter(opts):
     model = build_model(small_cfg(*opts))

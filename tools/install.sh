@@ -119,7 +119,13 @@ if ((D2_BUILD)); then
         D2_SRC=$DETECTRON2_GIT
         command -v git >/dev/null 2>&1 \
             || die "git is needed to fetch Detectron2 from $DETECTRON2_GIT: install git (Debian: apt-get install git), or set DETECTRON2_SOURCE to a checkout or source archive"
-        note "Detectron2: will be built from $D2_SRC"
+        # Before anything is installed: a machine that cannot reach the repository needs a
+        # local source (pip's clone would fail only after torch is installed).
+        D2_REMOTE=${DETECTRON2_GIT#git+}
+        if ! GIT_TERMINAL_PROMPT=0 timeout 60 git ls-remote --exit-code "$D2_REMOTE" HEAD >/dev/null 2>&1; then
+            die "cannot reach Detectron2's repository $D2_REMOTE (git ls-remote failed: no network, or a proxy is needed). Detectron2 is on no package registry: build it from a local source instead, DETECTRON2_SOURCE=path/to/detectron2 (a checkout, or a source archive .tar.gz/.zip) bash tools/install.sh"
+        fi
+        note "Detectron2: will be built from $D2_SRC (reachable)"
     fi
     if [[ -n "${CXX:-}" ]]; then
         command -v "${CXX%% *}" >/dev/null 2>&1 \

@@ -153,7 +153,9 @@ def add_vfnet_config(cfg):
     v.DEFORM_CONV_IMPL = "auto"
 
     # Ablation switches (VarifocalNet, Table 3).
-    v.USE_VFL = True  # False: focal loss on the ATSS labels
+    # Classification loss: "varifocal" (VFL on the IoU-aware targets), "focal" (on the ATSS
+    # labels, Table 3's ablation) or "quality_focal" (GFL's QFL on the IoU-aware targets).
+    v.CLS_LOSS_TYPE = "varifocal"
     v.USE_STAR_DCN = True  # False: plain 3x3 convs instead of the star deformable convs
     v.USE_REFINE = True  # False: no box refinement, the initial box is the output
 
@@ -163,6 +165,7 @@ def add_vfnet_config(cfg):
     v.IOU_WEIGHTED = True
     v.FOCAL_ALPHA = 0.25
     v.FOCAL_GAMMA = 2.0
+    v.QFL_BETA = 2.0
     v.LOSS_BBOX_WEIGHT = 1.5
     v.LOSS_BBOX_REFINE_WEIGHT = 2.0
 

@@ -11,6 +11,10 @@ from torch.nn import functional as F
 
 from .box_coding import aligned_iou
 
+# The classification losses a detector of this project can train with: the focal loss on one-hot
+# labels, and the varifocal and quality focal losses on IoU-aware targets.
+CLS_LOSS_TYPES = ("focal", "varifocal", "quality_focal")
+
 
 def varifocal_loss(
     logits: Tensor,

@@ -38,11 +38,14 @@ def tile_images(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.
     return grid
 
 
-def draw_detections(model, mapper, dataset_dicts: List[dict], metadata, score_thresh: float) -> List[np.ndarray]:
+def draw_detections(
+    model, mapper, dataset_dicts: List[dict], metadata, score_thresh: float, min_size: int = 384
+) -> List[np.ndarray]:
     """
     The images of `dataset_dicts` (loaded and resized by `mapper`, the test mapper) with the
-    detections of `model` scoring >= `score_thresh`, drawn by Detectron2's Visualizer at the
-    image's original size; RGB uint8 arrays.
+    detections of `model` scoring >= `score_thresh`, drawn by Detectron2's Visualizer; RGB uint8
+    arrays of the image's original size, enlarged (Visualizer's `scale`) where its shorter side
+    is under `min_size`, so that the labels of small images stay apart and legible.
     """
     loader = build_detection_test_loader(dataset_dicts, mapper=mapper)
     drawings = []
@@ -58,7 +61,8 @@ def draw_detections(model, mapper, dataset_dicts: List[dict], metadata, score_th
                     inputs[0]["file_name"], format="RGB",
                     load_truncated=getattr(mapper, "load_truncated_images", False),
                 )  # fmt: skip
-                drawing = Visualizer(image, metadata).draw_instance_predictions(instances)
+                scale = max(1.0, min_size / min(image.shape[:2]))
+                drawing = Visualizer(image, metadata, scale=scale).draw_instance_predictions(instances)
                 drawings.append(drawing.get_image())
     finally:
         model.train(training)

@@ -18,11 +18,9 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes
 
 from ..box_coding import aligned_iou
-from ..losses import quality_focal_loss, varifocal_loss
+from ..losses import CLS_LOSS_TYPES, quality_focal_loss, varifocal_loss
 
-__all__ = ["IoUAwareRetinaNet", "IoUAwareFCOS", "iou_aware_targets", "CLS_LOSS_TYPES"]
-
-CLS_LOSS_TYPES = ("focal", "varifocal", "quality_focal")
+__all__ = ["IoUAwareRetinaNet", "IoUAwareFCOS", "iou_aware_targets"]
 
 
 def iou_aware_targets(

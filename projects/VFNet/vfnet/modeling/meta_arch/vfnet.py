@@ -24,7 +24,7 @@ from detectron2.utils.events import get_event_storage
 from ...layers.soft_nms import batched_soft_nms
 from ..atss import ATSSMatcher
 from ..box_coding import distances_to_boxes
-from ..losses import iou_weighted_giou_loss, varifocal_loss
+from ..losses import CLS_LOSS_TYPES, iou_weighted_giou_loss, quality_focal_loss, varifocal_loss
 from ..vfnet_head import VFNetHead
 
 __all__ = ["VFNet"]
@@ -228,12 +228,13 @@ class VFNet(DenseDetector):
         anchor_generator: nn.Module,
         anchor_matcher: ATSSMatcher,
         num_classes: int,
-        use_vfl: bool = True,
+        cls_loss_type: str = "varifocal",
         vfl_alpha: float = 0.75,
         vfl_gamma: float = 2.0,
         iou_weighted: bool = True,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        qfl_beta: float = 2.0,
         loss_bbox_weight: float = 1.5,
         loss_bbox_refine_weight: float = 2.0,
         test_score_thresh: float = 0.05,
@@ -253,9 +254,12 @@ class VFNet(DenseDetector):
                 anchors are used by ATSS, their centers are the locations boxes are decoded from.
             anchor_matcher: an :class:`ATSSMatcher`.
             num_classes: number of object classes.
-            use_vfl: varifocal loss on IoU targets; False: focal loss on the ATSS labels.
+            cls_loss_type: the classification loss: "varifocal" on the IoU-aware targets (the
+                IoU of each positive's final box with its ground truth, at its class); "focal"
+                on the ATSS labels (one-hot); "quality_focal", GFL's, on the IoU-aware targets.
             vfl_alpha, vfl_gamma, iou_weighted: see :func:`varifocal_loss`.
-            focal_alpha, focal_gamma: parameters of the focal loss when `use_vfl` is False.
+            focal_alpha, focal_gamma: parameters of the focal loss.
+            qfl_beta: see :func:`quality_focal_loss`.
             loss_bbox_weight, loss_bbox_refine_weight: weights of the GIoU losses of the initial
                 and the refined boxes.
             test_score_thresh, test_topk_candidates: per level, keep the (location, class)
@@ -278,12 +282,18 @@ class VFNet(DenseDetector):
         # Decodes distances (l, t, r, b) from the anchor centers, i.e. from the locations.
         self.box2box_transform = Box2BoxTransformLinear(normalize_by_size=False)
 
-        self.use_vfl = use_vfl
+        if cls_loss_type not in CLS_LOSS_TYPES:
+            raise ValueError(
+                f"Unknown classification loss '{cls_loss_type}' (MODEL.VFNET.CLS_LOSS_TYPE): "
+                f"expected one of {CLS_LOSS_TYPES}."
+            )
+        self.cls_loss_type = cls_loss_type
         self.vfl_alpha = vfl_alpha
         self.vfl_gamma = vfl_gamma
         self.iou_weighted = iou_weighted
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.qfl_beta = qfl_beta
         self.loss_bbox_weight = loss_bbox_weight
         self.loss_bbox_refine_weight = loss_bbox_refine_weight
 
@@ -319,12 +329,13 @@ class VFNet(DenseDetector):
             ),
             "anchor_matcher": ATSSMatcher(v.ATSS.TOPK, v.ATSS.SIZE_DIVISOR),
             "num_classes": v.NUM_CLASSES,
-            "use_vfl": v.USE_VFL,
+            "cls_loss_type": v.CLS_LOSS_TYPE,
             "vfl_alpha": v.VFL_ALPHA,
             "vfl_gamma": v.VFL_GAMMA,
             "iou_weighted": v.IOU_WEIGHTED,
             "focal_alpha": v.FOCAL_ALPHA,
             "focal_gamma": v.FOCAL_GAMMA,
+            "qfl_beta": v.QFL_BETA,
             "loss_bbox_weight": v.LOSS_BBOX_WEIGHT,
             "loss_bbox_refine_weight": v.LOSS_BBOX_REFINE_WEIGHT,
             "test_score_thresh": v.TEST_SCORE_THRESH,
@@ -445,14 +456,17 @@ class VFNet(DenseDetector):
             losses["loss_bbox_refine"], ious = box_loss(boxes_refine, self.loss_bbox_refine_weight)
 
         logits = cat(logits, dim=1)
-        if self.use_vfl:
+        if self.cls_loss_type != "focal":
             # IoU-aware targets: the IoU of the final box with its ground truth, at its class.
             targets = torch.zeros_like(logits, dtype=ious.dtype)
             pos_image, pos_location = pos_mask.nonzero(as_tuple=True)
             targets[pos_image, pos_location, gt_labels[pos_mask]] = ious
-            loss_cls = varifocal_loss(
-                logits, targets, self.vfl_alpha, self.vfl_gamma, self.iou_weighted, reduction="sum"
-            )
+            if self.cls_loss_type == "varifocal":
+                loss_cls = varifocal_loss(
+                    logits, targets, self.vfl_alpha, self.vfl_gamma, self.iou_weighted, reduction="sum"
+                )
+            else:
+                loss_cls = quality_focal_loss(logits, targets, self.qfl_beta)
         else:
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             targets = F.one_hot(gt_labels, self.num_classes + 1)[..., :-1].to(logits.dtype)
