@@ -38,14 +38,27 @@ def tile_images(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.
     return grid
 
 
+def _enlarged(image: np.ndarray, instances, min_size: int):
+    """`image` (H, W, 3) and its detections, enlarged (nearest pixel) to a shorter side of
+    `min_size` when it is smaller; the Visualizer then draws labels of its usual size."""
+    height, width = image.shape[:2]
+    scale = min_size / min(height, width)
+    if scale <= 1:
+        return image, instances
+    size = (round(width * scale), round(height * scale))
+    image = np.asarray(Image.fromarray(image).resize(size, Image.NEAREST))
+    instances.pred_boxes.scale(size[0] / width, size[1] / height)
+    return image, instances
+
+
 def draw_detections(
     model, mapper, dataset_dicts: List[dict], metadata, score_thresh: float, min_size: int = 384
 ) -> List[np.ndarray]:
     """
     The images of `dataset_dicts` (loaded and resized by `mapper`, the test mapper) with the
     detections of `model` scoring >= `score_thresh`, drawn by Detectron2's Visualizer; RGB uint8
-    arrays of the image's original size, enlarged (Visualizer's `scale`) where its shorter side
-    is under `min_size`, so that the labels of small images stay apart and legible.
+    arrays of the image's original size, enlarged where its shorter side is under `min_size`,
+    so that the labels of small images stay apart and legible.
     """
     loader = build_detection_test_loader(dataset_dicts, mapper=mapper)
     drawings = []
@@ -61,8 +74,8 @@ def draw_detections(
                     inputs[0]["file_name"], format="RGB",
                     load_truncated=getattr(mapper, "load_truncated_images", False),
                 )  # fmt: skip
-                scale = max(1.0, min_size / min(image.shape[:2]))
-                drawing = Visualizer(image, metadata, scale=scale).draw_instance_predictions(instances)
+                image, instances = _enlarged(image, instances, min_size)
+                drawing = Visualizer(image, metadata).draw_instance_predictions(instances)
                 drawings.append(drawing.get_image())
     finally:
         model.train(training)
