@@ -36,12 +36,21 @@ class OneDetectionPerScore(torch.nn.Module):
         return [{"instances": instances} for _ in inputs]
 
 
-def test_detections_above_the_threshold_are_drawn_on_the_original_image(tmp_path):
-    image = np.full((120, 160, 3), 128, np.uint8)
+@pytest.fixture
+def one_image(tmp_path):
+    """A 120 x 160 image of a horizontal gradient (column x has value 50 + x // 2) as a
+    dataset of one, and its metadata."""
+    image = np.repeat((50 + np.arange(160) // 2).astype(np.uint8)[None, :, None], 120, axis=0)
+    image = np.repeat(image, 3, axis=2)
     Image.fromarray(image).save(tmp_path / "a.png")
     dicts = [{"file_name": str(tmp_path / "a.png"), "image_id": 1, "height": 120, "width": 160}]
     metadata = MetadataCatalog.get("gallery_test")
     metadata.thing_classes = ["thing"]
+    return image, dicts, metadata
+
+
+def test_detections_above_the_threshold_are_drawn_on_the_original_image(one_image):
+    image, dicts, metadata = one_image
     model = OneDetectionPerScore().train()
     (drawing,) = draw_detections(model, lambda d: d, dicts, metadata, score_thresh=0.3, min_size=120)
     assert model.training  # given back in its mode
@@ -52,17 +61,14 @@ def test_detections_above_the_threshold_are_drawn_on_the_original_image(tmp_path
     assert not changed[78:113, 108:153].any()
 
 
-def test_small_images_are_drawn_enlarged_to_the_minimum_size(tmp_path):
-    image = np.full((120, 160, 3), 128, np.uint8)
-    Image.fromarray(image).save(tmp_path / "a.png")
-    dicts = [{"file_name": str(tmp_path / "a.png"), "image_id": 1, "height": 120, "width": 160}]
-    metadata = MetadataCatalog.get("gallery_test")
-    metadata.thing_classes = ["thing"]
+def test_small_images_are_drawn_enlarged_to_the_minimum_size(one_image):
+    image, dicts, metadata = one_image
     (drawing,) = draw_detections(OneDetectionPerScore(), lambda d: d, dicts, metadata, 0.3, min_size=360)
-    # x3: the shorter side 120 -> 360; the image itself is the original, enlarged.
+    # x3: the shorter side 120 -> 360, each pixel a 3 x 3 block.
     assert drawing.shape == (360, 480, 3)
-    changed = (drawing.astype(int) - 128).any(axis=2)
-    # The 0.9 box (10, 10)-(40, 30) at x3: (30, 30)-(120, 90); the 0.1 box's region untouched.
+    enlarged = np.repeat(np.repeat(image, 3, axis=0), 3, axis=1)
+    changed = (drawing.astype(int) - enlarged).any(axis=2)
+    # The 0.9 box (10, 10)-(40, 30) at x3: (30, 30)-(120, 90); elsewhere the enlarged image.
     assert changed[30:91, 30].mean() > 0.8 and changed[30, 30:121].mean() > 0.8
     assert not changed[100:170, 160:240].any() and not changed[234:339, 324:459].any()
 
