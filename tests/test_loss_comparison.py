@@ -6,6 +6,7 @@ missing in order, and the table reports what the runs wrote.
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -159,6 +160,23 @@ def test_runner_runs_what_is_missing_children_after_parents_and_not_after_a_fail
     assert (tmp_path / "bad.log").exists() and any("FAILED (exit 3)" in m for m in logs)
     # A second call finds everything but the failures done.
     assert set(run_all(runs, ROOT, jobs=1, log=logs.append)) == {str(tmp_path / "bad"), str(tmp_path / "bad2")}
+
+
+def test_runner_messages_from_parallel_runs_do_not_interleave(tmp_path):
+    # print() writes a message and its newline in two calls; a log that yields between its two
+    # writes, as print can, must still see each message whole when runs end together.
+    pieces = []
+
+    def log(message):
+        pieces.append(message)
+        time.sleep(0.05)
+        pieces.append("\n")
+
+    runs = [Run("d", "X", "focal", 0, ("-c", "pass"), str(tmp_path / f"r{i}")) for i in range(4)]
+    assert set(run_all(runs, ROOT, jobs=4, log=log).values()) == {0}
+    lines = "".join(pieces).splitlines()
+    assert len(lines) == 8 and all(l.startswith(("start ", "done ")) for l in lines)
+    assert sorted(l.split()[1].rstrip(":") for l in lines) == sorted(r.output_dir for r in runs for _ in "ab")
 
 
 def test_tool_prints_the_commands_and_refuses_a_malformed_dataset(capsys):

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -196,19 +197,24 @@ def run_all(
     if threads > 0:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     futures: Dict[str, Future] = {}
+    lock = threading.Lock()  # one message at a time from the pool's threads
+
+    def report(message: str) -> None:
+        with lock:
+            log(message)
 
     def execute(run: Run) -> int:
         if run.parent is not None and run.parent in futures and futures[run.parent].result() != 0:
-            log(f"skipped {run.output_dir}: {run.parent} failed")
+            report(f"skipped {run.output_dir}: {run.parent} failed")
             return -1
         os.makedirs(os.path.dirname(os.path.abspath(run.output_dir)) or ".", exist_ok=True)
-        log(f"start {run.output_dir}: {' '.join(run.argv)}")
+        report(f"start {run.output_dir}: {' '.join(run.argv)}")
         with open(run.output_dir + ".log", "w") as out:
             code = subprocess.run(
                 [sys.executable, *run.argv], cwd=repo_root, env=env, stdout=out, stderr=subprocess.STDOUT
             ).returncode
         ap = final_ap(os.path.join(repo_root, run.output_dir))
-        log(f"{'done' if code == 0 else f'FAILED (exit {code})'} {run.output_dir}: AP {ap}")
+        report(f"{'done' if code == 0 else f'FAILED (exit {code})'} {run.output_dir}: AP {ap}")
         return code
 
     # Parents come before their children in `runs`, and the pool starts runs in order: a child
