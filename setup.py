@@ -20,10 +20,19 @@ setup(
         "tqdm>=4.29",
         "opencv-python-headless>=4.5",
         "matplotlib>=3.5",
+        "omegaconf>=2.1",  # LazyConfig (vfnet.engine.lazy); Detectron2 requires it too
     ],
     extras_require={
         # ONNX export: DeformConv (opset 19) runs in onnxruntime releases of 2026 and later.
         "export": ["onnx>=1.14", "onnxruntime>=1.17"],
-        "dev": ["pytest>=7", "hypothesis>=6.0", "onnx>=1.14", "onnxruntime>=1.17"],
+        # The tests: scipy's distributions (the init tests), onnxscript (the dynamo exporter).
+        "dev": [
+            "pytest>=7",
+            "hypothesis>=6.0",
+            "scipy>=1.7",
+            "onnx>=1.14",
+            "onnxruntime>=1.17",
+            "onnxscript>=0.1",
+        ],
     },
 )

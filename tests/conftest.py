@@ -2,14 +2,19 @@
 Required dependencies: where a dependency must be present, a test that would skip for want of it
 fails instead.
 
-Required are Detectron2 when the environment variable CI is "true" (or 1: CI must not pass by
-skipping the integration tests), and every module named in VFNET_REQUIRE (comma-separated, for
-example VFNET_REQUIRE=mmdet,mmengine for the MMDetection parity run of .ci/run). A required
-module that does not import stops the run before collection; a skip whose reason says a
-required module is missing ("Detectron2 is not installed ...", "MMDetection is not installed
-...", pytest.importorskip's "could not import 'mmdet'") is reported as a failure.
+With the environment variable CI "true" (or 1) every package of the main environment is required:
+Detectron2 must import (else the run stops before collection), and a skip whose reason says a
+module is missing ("Detectron2 is not installed ...", "onnxscript ... is not installed",
+pytest.importorskip's "could not import 'x'") is reported as a failure: CI must not pass by
+skipping what a declared dependency runs. The MMDetection parity environment's packages (mmdet,
+mmengine, mmcv) are required only where VFNET_REQUIRE names them (comma-separated, for example
+VFNET_REQUIRE=mmdet,mmengine for the parity run of .ci/run), as is every module it names.
+
+The parity tests (test_mmdet_parity*.py) belong to that environment: where MMDetection does not
+import, `pytest tests` does not collect them, and its header says where they run.
 """
 
+import functools
 import os
 import re
 
@@ -21,13 +26,24 @@ pytest_plugins = ["pytester"]  # tests/test_ci_rules.py runs pytest on this file
 ALIASES = {"mmdet": ("mmdetection",)}
 # What a skip reason says of a missing module.
 MISSING = re.compile(r"not installed|could not import|no module named", re.I)
+# The parity environment's modules (tools/install.sh --parity-env), and the tests that need them.
+PARITY_MODULES = ("mmdet", "mmengine", "mmcv")
+PARITY_TESTS = "test_mmdet_parity*.py"
+# Stands for "any module" among the required ones: every missing one fails under CI=true.
+ANY_MODULE = "*"
+
+
+def _ci():
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
 
 
 def required_modules():
     mods = []
-    if os.environ.get("CI", "").strip().lower() in ("true", "1"):
+    if _ci():
         mods.append("detectron2")
     mods += _listed()
+    if _ci():
+        mods.append(ANY_MODULE)
     return list(dict.fromkeys(mods))
 
 
@@ -40,21 +56,56 @@ def _why_required(mod):
     return "VFNET_REQUIRE" if mod in _listed() else "CI"
 
 
+@functools.lru_cache(maxsize=None)
+def _parity_environment():
+    try:
+        import mmdet  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def pytest_ignore_collect(collection_path, config):
+    # Not for files named on the command line (pytest does not ask for those).
+    if collection_path.match(PARITY_TESTS) and not _parity_environment():
+        return True
+    return None
+
+
+def pytest_report_header(config):
+    if not _parity_environment():
+        return (
+            f"vfnet: the MMDetection parity tests (tests/{PARITY_TESTS}) run in the parity "
+            "environment, not this one (no mmdet): bash tools/install.sh --parity-env "
+            f".venv-mmdet, then .venv-mmdet/bin/python -m pytest tests/{PARITY_TESTS} -q"
+        )
+    return None
+
+
+def _names(mod, low):
+    names = (mod, mod.split(".")[0]) + ALIASES.get(mod, ())
+    return any(n.lower() in low for n in names)
+
+
 def missing_required(reason, mods):
-    """The required module that the skip reason says is missing, or None."""
+    """The required module that the skip reason says is missing ("a package" for one of the
+    main environment's under CI=true), or None."""
     if not reason or not MISSING.search(reason):
         return None
     low = reason.lower()
     for mod in mods:
-        names = (mod, mod.split(".")[0]) + ALIASES.get(mod, ())
-        if any(n.lower() in low for n in names):
+        if mod != ANY_MODULE and _names(mod, low):
             return mod
+    if ANY_MODULE in mods and not any(_names(m, low) for m in PARITY_MODULES):
+        return "a package"
     return None
 
 
 def pytest_configure(config):
     config._vfnet_required = required_modules()
     for mod in config._vfnet_required:
+        if mod == ANY_MODULE:
+            continue
         try:
             __import__(mod)
         except Exception as e:  # ImportError, or an extension built against another torch

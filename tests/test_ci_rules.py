@@ -119,3 +119,41 @@ def test_ci_true_without_detectron2_stops_the_run(run, pytester):
     result = run({"CI": "true"}, subprocess=True)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*detectron2 is required here (CI=true)*undefined symbol*"])
+
+
+def test_ci_true_fails_a_skip_for_any_missing_package_but_the_parity_environments(run):
+    tests = """
+import pytest
+
+def test_needs_onnxscript():
+    pytest.skip("onnxscript (the dynamo exporter's) is not installed")
+
+def test_importorskip_scipy():
+    pytest.importorskip("vfnet_no_such_module_scipy")
+
+def test_needs_mmengine():
+    pytest.skip("mmengine is not installed")
+
+def test_needs_data():
+    pytest.skip("the raccoon dataset is absent")
+"""
+    run(tests=tests).assert_outcomes(skipped=4)
+    result = run({"CI": "true"}, tests=tests)
+    result.assert_outcomes(failed=2, skipped=2)
+    result.stdout.fnmatch_lines([
+        "FAILED test_it.py::test_needs_onnxscript - *skipped for want of a package, which is required here (CI=true)*",
+        "FAILED test_it.py::test_importorskip_scipy - *could not import*",
+    ])  # fmt: skip
+
+
+def test_the_parity_tests_are_not_collected_without_mmdetection(pytester, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_mmdet_parity_x="def test_x():\n    pass\n", test_other="def test_y():\n    pass\n")
+    # No mmdet on the path: this environment is not the parity one.
+    monkeypatch.setitem(__import__("sys").modules, "mmdet", None)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["vfnet: the MMDetection parity tests*run in the parity environment*"])
+    # Named on the command line, it is collected (and would skip or fail there).
+    pytester.runpytest("-p", "no:cacheprovider", "test_mmdet_parity_x.py").assert_outcomes(passed=1)

@@ -23,6 +23,7 @@ from detectron2.data import (  # noqa: E402
 from detectron2.structures import BoxMode  # noqa: E402
 
 import vfnet  # noqa: E402
+from vfnet.data.detection_utils import get_training_dataset_dicts  # noqa: E402
 from vfnet.data.mapper import VFNetDatasetMapper, read_image  # noqa: E402
 from vfnet.data.validation import DatasetError, check_image_file  # noqa: E402
 
@@ -105,12 +106,12 @@ def test_detectron2_read_image_saturates_16_bit_gray_which_ours_does_not(tmp_pat
 # --- COCO JSON helpers ------------------------------------------------------------------------
 
 
-def write_images(root, sizes):
-    """PNG images 1.png, 2.png, ... of the given (height, width)."""
+def write_images(root, sizes, prefix=""):
+    """PNG images {prefix}1.png, {prefix}2.png, ... of the given (height, width)."""
     images = []
     for i, (h, w) in enumerate(sizes, start=1):
-        Image.fromarray(rgb_pattern(h, w)).save(root / f"{i}.png")
-        images.append({"id": i, "file_name": f"{i}.png", "height": h, "width": w})
+        Image.fromarray(rgb_pattern(h, w)).save(root / f"{prefix}{i}.png")
+        images.append({"id": i, "file_name": f"{prefix}{i}.png", "height": h, "width": w})
     return images
 
 
@@ -164,18 +165,18 @@ def test_invalid_boxes_are_clipped_or_dropped_with_a_warning(tmp_path, register,
         ann(6, 2, [float("nan"), 1, 2, 3]),  # NaN: dropped
         ann(7, 2, [1, 1, float("inf"), 3]),  # inf: dropped
         ann(8, 2, [1, None, 2, 3]),  # null: dropped
-        ann(9, 5, [1, 1, 2, 3]),  # image id 5 is not in "images": dropped
+        ann(9, 5, [1, 1, 2, 3]),  # image id 5 is not in "images": dropped (with the option)
         ann(10, 2, [0, 0, 30, 30], category_id=3),  # whole image, no area/iscrowd: filled
     ]
     coco = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     with vfnet_log.at_level(logging.INFO, logger="vfnet"):
-        name = register(coco)
+        name = register(coco, drop_unreadable_images=True)
     log = vfnet_log.text
     assert "bbox partly outside its image: 1 of 10 annotations (ids 2)" in log
     assert "bbox wholly outside its image: 1 of 10 annotations (ids 3)" in log
     assert "zero or negative width or height: 2 of 10 annotations (ids 4, 5)" in log
     assert "NaN, inf or null coordinates: 3 of 10 annotations (ids 6, 7, 8)" in log
-    assert "image id not in 'images': 1 of 10 annotations (ids 9)" in log
+    assert "image id not in 'images' (DATASETS.DROP_UNREADABLE_IMAGES): 1 of 10 annotations (ids 9)" in log
     assert "missing 'iscrowd' set to 0: 1 of 10 annotations (ids 10)" in log
 
     dicts = {d["image_id"]: d for d in DatasetCatalog.get(name)}
@@ -253,6 +254,18 @@ NOT_COCO = {
         r"images\[0\] \(id 1\) has width 0 and height 40",
     ),
     "no_categories": ({"images": [], "annotations": [], "categories": []}, r"has no categories"),
+    "file_name_not_a_path": (
+        {"images": [{"id": 1, "file_name": 7, "height": 40, "width": 9}], "categories": []},
+        r"images\[0\] \(id 1\) has file_name 7; it must be the image's path",
+    ),
+    "area_not_a_number": (
+        {"images": [], "categories": [], "annotations": [ann(4, 1, [1, 2, 3, 4], area="12")]},
+        r"annotations\[0\] \(id 4, image id 1\) has area '12'; it must be a number",
+    ),
+    "iscrowd_not_0_or_1": (
+        {"images": [], "categories": [], "annotations": [ann(4, 1, [1, 2, 3, 4], iscrowd=2)]},
+        r"annotations\[0\] \(id 4, image id 1\) has iscrowd 2; it must be 0 or 1",
+    ),
 }
 
 
@@ -387,3 +400,113 @@ def test_raccoon_grayscale_images_map_to_three_equal_channels():
         image = out["image"]
         assert image.shape[0] == 3 and (image[0] == image[1]).all() and (image[1] == image[2]).all()
         assert len(out["instances"]) == 1
+
+
+# --- a training set that its filters leave empty ----------------------------------------------
+
+
+def boxed(images, boxes_of):
+    """COCO annotations: `boxes_of[image id]` the [x, y, w, h] boxes of that image."""
+    boxes = [(i, box) for i in sorted(boxes_of) for box in boxes_of[i]]
+    return [ann(n, i, box, area=box[2] * box[3], iscrowd=0) for n, (i, box) in enumerate(boxes, 1)]
+
+
+def test_a_training_set_without_annotations_is_refused_naming_the_dataset_counts_and_key(
+    tmp_path, register
+):
+    images = write_images(tmp_path, [(40, 50)] * 3)
+    name = register({"images": images, "annotations": [], "categories": CATEGORIES})
+    with pytest.raises(DatasetError) as e:
+        get_training_dataset_dicts([name], "detectron2", filter_empty=True)
+    message = str(e.value)
+    assert f"dataset '{name}' has 3 images" in message
+    assert "DATALOADER.FILTER_EMPTY_ANNOTATIONS True removed its 3 without a (non-crowd) annotation" in message
+    assert "DATALOADER.FILTER_EMPTY_ANNOTATIONS False keeps the images without annotations" in message
+    # The key it names keeps them.
+    assert len(get_training_dataset_dicts([name], "detectron2", filter_empty=False)) == 3
+
+
+def test_the_mmdet_filter_leaving_nothing_names_both_of_its_filters(tmp_path, register):
+    # Images 1-2 without annotations; 3-4 annotated but under 32 px on a side.
+    images = write_images(tmp_path, [(40, 50), (40, 50), (20, 50), (40, 30)])
+    annotations = boxed(images, {3: [[1, 1, 5, 5]], 4: [[2, 2, 8, 8]]})
+    name = register({"images": images, "annotations": annotations, "categories": CATEGORIES})
+    with pytest.raises(DatasetError) as e:
+        get_training_dataset_dicts(name, "mmdet", min_size=32)
+    message = str(e.value)
+    assert f"dataset '{name}' has 4 images" in message
+    assert "'mmdet' removed 2 without annotations and 2 smaller than 32 px on a side (DATALOADER.MIN_IMAGE_SIZE)" in message
+    assert "DATALOADER.TRAIN_FILTER detectron2 with DATALOADER.FILTER_EMPTY_ANNOTATIONS False" in message
+    assert len(get_training_dataset_dicts(name, "mmdet", min_size=16)) == 2
+    # The LazyConfig's function of the mmdet filter refuses it alike.
+    with pytest.raises(DatasetError, match="No training image is left"):
+        vfnet.data.detection_utils.get_detection_dataset_dicts_as_mmdet(name, min_size=32)
+
+
+def test_two_datasets_are_counted_each(tmp_path, register):
+    a = register({"images": write_images(tmp_path, [(40, 50)] * 2, "a"), "categories": CATEGORIES, "annotations": []})
+    b = register({"images": write_images(tmp_path, [(40, 50)] * 5, "b"), "categories": CATEGORIES, "annotations": []})
+    with pytest.raises(DatasetError) as e:
+        get_training_dataset_dicts([a, b], "detectron2")
+    assert f"dataset '{a}' has 2 images" in str(e.value) and f"dataset '{b}' has 5 images" in str(e.value)
+    # With one annotated image in the second, training goes on with that image.
+    images = write_images(tmp_path, [(40, 50)] * 5, "c")
+    c = register({"images": images, "categories": CATEGORIES, "annotations": boxed(images, {4: [[1, 2, 10, 10]]})})
+    assert [d["image_id"] for d in get_training_dataset_dicts([a, c], "detectron2")] == [4]
+
+
+def test_the_images_left_out_as_unreadable_are_counted_too(tmp_path, register):
+    images = write_images(tmp_path, [(40, 50)] * 3)
+    os.remove(tmp_path / "2.png")  # the one annotated image's file is missing
+    coco = {"images": images, "categories": CATEGORIES, "annotations": boxed(images, {2: [[1, 1, 9, 9]]})}
+    name = register(coco, drop_unreadable_images=True)
+    with pytest.raises(DatasetError) as e:
+        get_training_dataset_dicts(name)
+    assert f"dataset '{name}' has 2 images" in str(e.value)
+    assert "1 of the 3 images of its JSON were left out before, their files unreadable (DATASETS.DROP_UNREADABLE_IMAGES)" in str(e.value)
+
+
+# --- annotations of an image id that is not in "images"; a JSON without images; a null area ---
+
+
+def orphan_dataset(tmp_path):
+    images = write_images(tmp_path, [(40, 50)] * 2)
+    annotations = boxed(images, {1: [[1, 1, 9, 9]], 2: [[2, 2, 9, 9]]})
+    annotations.append(ann(77, 9, [1, 1, 5, 5], category_id=3, area=25, iscrowd=0))
+    return write_json(tmp_path / "orphan.json", {"images": images, "annotations": annotations, "categories": CATEGORIES})
+
+
+def test_an_annotation_of_an_unknown_image_id_is_refused_naming_file_annotation_and_image(
+    tmp_path, register
+):
+    json_file = orphan_dataset(tmp_path)
+    with pytest.raises(DatasetError) as e:
+        register(json_file)
+    message = str(e.value)
+    assert f"'{json_file}': 1 annotations have an image_id that is not in 'images'" in message
+    assert "annotation id 77 of image id 9: image_id 9" in message
+    assert "--drop-unreadable-images (config DATASETS.DROP_UNREADABLE_IMAGES True)" in message
+
+
+def test_with_the_drop_option_it_is_dropped_with_a_count_in_the_log(tmp_path, register, vfnet_log):
+    with vfnet_log.at_level(logging.WARNING, logger="vfnet"):
+        name = register(orphan_dataset(tmp_path), drop_unreadable_images=True)
+    assert (
+        "dropped: image id not in 'images' (DATASETS.DROP_UNREADABLE_IMAGES): 1 of 3 annotations (ids 77)"
+        in vfnet_log.text
+    )
+    dicts = DatasetCatalog.get(name)
+    assert sorted(a["bbox"][0] for d in dicts for a in d["annotations"]) == [1, 2]
+
+
+def test_a_json_without_images_is_refused(tmp_path, register):
+    with pytest.raises(DatasetError, match=r"\('.*\.json'\) has no images: its 'images' list is empty"):
+        register({"images": [], "annotations": [], "categories": CATEGORIES})
+
+
+def test_a_null_area_is_filled_like_a_missing_one(tmp_path, register):
+    images = write_images(tmp_path, [(40, 50)])
+    annotations = [ann(1, 1, [1, 2, 10, 4], area=None, iscrowd=0)]
+    name = register({"images": images, "annotations": annotations, "categories": CATEGORIES})
+    with open(MetadataCatalog.get(name).json_file) as f:
+        assert json.load(f)["annotations"][0]["area"] == 40

@@ -31,6 +31,7 @@ from vfnet.checkpoint import detection_checkpoint as vfnet_checkpoint  # noqa: E
 from vfnet.checkpoint.detection_checkpoint import CheckpointError, VFNetCheckpointer, load_for_evaluation  # noqa: E402
 
 from vfnet import engine  # noqa: E402
+from vfnet.engine import check_output_dir  # noqa: E402
 from vfnet.evaluation import VFNetCOCOEvaluator  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -471,3 +472,90 @@ def test_a_run_killed_with_sigkill_resumes_exactly_with_0_and_2_data_workers(tmp
             assert_bitwise_equal(checkpoint_state(d / f), reference[f], f"{d.name} {f}")
     assert not (tmp_path / "killed2" / "model_0000005.pth.tmp").exists()  # replaced by the save
     assert metrics(tmp_path / "killed0")[-1]["lr"] == metrics(straight[0])[-1]["lr"]
+
+
+# --- a training set without annotations, OUTPUT_DIR, a full disk -------------------------------
+
+
+def test_train_net_on_a_training_set_without_annotations_stops_before_training(tmp_path):
+    (tmp_path / "data").mkdir()
+    image = Image.fromarray(pattern(64, 80))
+    for i in range(4):
+        image.save(tmp_path / "data" / f"{i}.png")
+    spec = write_dataset(tmp_path / "data", {f"{i}.png": image.size for i in range(4)}, name="empty_train")
+    coco = json.load(open(tmp_path / "data" / "empty_train.json"))
+    coco["annotations"] = []
+    json.dump(coco, open(tmp_path / "data" / "empty_train.json", "w"))
+    proc = subprocess.run(
+        train_net_cmd(
+            tmp_path / "out", "--dataset", spec, "DATASETS.TRAIN", "('empty_train',)",
+            "DATASETS.TEST", "()", "MODEL.VFNET.NUM_CLASSES", "1",
+        ),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "DatasetError: No training image is left of DATASETS.TRAIN ('empty_train',)" in log, log[-3000:]
+    assert "dataset 'empty_train' has 4 images" in log
+    assert "need at least one array to concatenate" not in log
+    assert "Starting training" not in log
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".pth")]
+
+
+def test_an_output_dir_that_is_a_file_or_under_one_is_refused_naming_the_key(tmp_path):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("kept")
+    with pytest.raises(ValueError, match=rf"^OUTPUT_DIR '{a_file}' exists and is not a directory"):
+        check_output_dir(str(a_file))
+    with pytest.raises(ValueError, match=rf"^train.output_dir '{a_file}/run' cannot be created or written \(NotADirectoryError"):
+        check_output_dir(str(a_file / "run"), key="train.output_dir")
+    assert a_file.read_text() == "kept"
+    with pytest.raises(ValueError, match=r"^OUTPUT_DIR '/sys/vfnet_out' cannot be created or written \(PermissionError"):
+        check_output_dir("/sys/vfnet_out")
+    check_output_dir(str(tmp_path / "new" / "run"))  # created
+    assert os.listdir(tmp_path / "new" / "run") == []  # the write check leaves nothing
+
+
+@pytest.mark.parametrize("tool", ["train_net", "lazyconfig_train_net"])
+def test_the_tools_refuse_an_output_dir_that_is_a_file_before_anything_runs(tmp_path, tool):
+    a_file = tmp_path / "out"
+    a_file.write_text("kept")
+    if tool == "train_net":
+        cmd, key = train_net_cmd(a_file), "OUTPUT_DIR"
+    else:
+        cmd = [
+            sys.executable, os.path.join(ROOT, "tools", "lazyconfig_train_net.py"),
+            "--config-file", os.path.join(ROOT, "configs", "lazy", "vfnet_shapes_demo.py"),
+            f"train.output_dir={a_file}",
+        ]  # fmt: skip
+        key = "train.output_dir"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"ValueError: {key} '{a_file}' exists and is not a directory" in log, log[-3000:]
+    assert "NotADirectoryError" not in log
+    assert "Environment info" not in log  # default_setup did not run
+    assert a_file.read_text() == "kept"
+
+
+def test_a_checkpoint_on_a_full_disk_names_it_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    checkpointer = VFNetCheckpointer(torch.nn.Linear(3, 2), str(tmp_path))
+    checkpointer.save("model_0000009")
+    before = (tmp_path / "model_0000009.pth").read_bytes()
+
+    def full_disk_save(obj, f):  # what torch.save meets on a full disk, after some bytes
+        f.write(b"\0" * 3 * 2**20)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(OSError) as e:
+        checkpointer.save("model_0000019")
+    message = str(e.value)
+    assert e.value.errno == errno.ENOSPC
+    assert f"Cannot write '{tmp_path / 'model_0000019.pth'}': no space left on its disk" in message
+    assert "after 3.0 MiB" in message and "MiB are free in" in message and "--resume" in message
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000009.pth"]
+    assert (tmp_path / "model_0000009.pth").read_bytes() == before
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"

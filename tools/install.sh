@@ -10,6 +10,8 @@
 #   DETECTRON2_SOURCE=PATH    build Detectron2 from a local checkout or a source archive
 #                             (.tar.gz, .zip) instead of its git repository
 #   FORCE_DETECTRON2_BUILD=1  build Detectron2 even when a working one is already installed
+#   VFNET_WHEEL_CACHE=DIR     where the Detectron2 wheel built from a source archive is kept for
+#                             the next environment (default ~/.cache/vfnet/wheels; off: none)
 #   CXX=...                   the C++ compiler for Detectron2's extension
 #
 # Detectron2 is on no package registry: it is built from source against the environment's torch
@@ -24,7 +26,7 @@ PARITY_PACKAGES=("setuptools<81" "mmdet==3.3.0" "mmengine==0.10.7" "mmcv-lite==2
 say() { printf '\n==> %s  [%d s]\n' "$*" "$SECONDS"; }
 note() { printf '    %s\n' "$*"; }
 die() { printf '\ninstall.sh: error: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 
 PARITY_DIR=""
 while (($#)); do
@@ -168,18 +170,55 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 if ((D2_BUILD)); then
-    say "Detectron2: building from $D2_SRC against torch $TORCH_VERSION (a few minutes)"
-    D2_ARGS=(--no-build-isolation)
+    D2_ARGS=()
     # The same version already installed (built against another torch) would count as
     # satisfied: reinstall it, keeping its dependencies.
     if py -c 'import importlib.metadata as m; m.version("detectron2")' >/dev/null 2>&1; then
         D2_ARGS+=(--force-reinstall --no-deps)
     fi
-    pip_install "${D2_ARGS[@]}" "$D2_SRC" \
-        || die "building Detectron2 failed (see the compiler output above): check the C++ compiler and torch, or see Detectron2's INSTALL.md"
-    D2_VERSION=$(d2_check) \
-        || die "Detectron2 was built but detectron2._C does not import: $(printf '%s' "$D2_VERSION" | tail -n 1). Rebuild with FORCE_DETECTRON2_BUILD=1 after fixing torch"
-    note "Detectron2 $D2_VERSION built and imports ($(py -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))'))"
+    # A source archive's build is kept as a wheel, keyed by the archive's content, torch and
+    # Python (and whether CUDA is built), so that a new environment with the same torch installs
+    # it in seconds; a directory or git source is built each time.
+    D2_WHEEL=""
+    if [[ -f "$D2_SRC" && "${VFNET_WHEEL_CACHE:-}" != off ]]; then
+        D2_KEY=$(sha256sum "$D2_SRC" | cut -c1-16)-torch$TORCH_VERSION-$(py -c '
+import os, sys, torch
+cuda = torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1"
+print("cp%d%d-%s" % (sys.version_info[0], sys.version_info[1], "cuda" if cuda else "cpu"))')
+        D2_CACHE=${VFNET_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vfnet/wheels}/detectron2-$D2_KEY
+        D2_WHEEL=$(ls "$D2_CACHE"/detectron2-*.whl 2>/dev/null | head -n 1 || true)
+        if [[ -n "$D2_WHEEL" ]]; then
+            say "Detectron2: installing the wheel built before from this source and torch $TORCH_VERSION"
+            note "$D2_WHEEL (VFNET_WHEEL_CACHE=off builds it again)"
+            if ! pip_install "${D2_ARGS[@]}" "$D2_WHEEL" || ! D2_VERSION=$(d2_check); then
+                note "the cached wheel does not work here: building Detectron2 instead"
+                rm -rf "$D2_CACHE"; D2_WHEEL=""
+            fi
+        fi
+    fi
+    if [[ -z "$D2_WHEEL" ]]; then
+        say "Detectron2: building from $D2_SRC against torch $TORCH_VERSION (a few minutes)"
+        if [[ -n "${D2_CACHE:-}" ]]; then
+            # Built into a temporary folder and moved into the cache whole: a build that fails or
+            # is interrupted leaves no wheel there.
+            D2_TMP=$(mktemp -d)
+            "$PY" -m pip wheel --disable-pip-version-check --no-build-isolation --no-deps \
+                -w "$D2_TMP" "$D2_SRC" \
+                || die "building Detectron2 failed (see the compiler output above): check the C++ compiler and torch, or see Detectron2's INSTALL.md"
+            mkdir -p "$(dirname "$D2_CACHE")"
+            rm -rf "$D2_CACHE.tmp$$" && mv "$D2_TMP" "$D2_CACHE.tmp$$" && rm -rf "$D2_CACHE" \
+                && mv "$D2_CACHE.tmp$$" "$D2_CACHE"
+            D2_WHEEL=$(ls "$D2_CACHE"/detectron2-*.whl | head -n 1)
+            pip_install "${D2_ARGS[@]}" "$D2_WHEEL" \
+                || die "installing the Detectron2 wheel $D2_WHEEL failed: see the pip output above"
+        else
+            pip_install --no-build-isolation "${D2_ARGS[@]}" "$D2_SRC" \
+                || die "building Detectron2 failed (see the compiler output above): check the C++ compiler and torch, or see Detectron2's INSTALL.md"
+        fi
+        D2_VERSION=$(d2_check) \
+            || die "Detectron2 was built but detectron2._C does not import: $(printf '%s' "$D2_VERSION" | tail -n 1). Rebuild with FORCE_DETECTRON2_BUILD=1 after fixing torch"
+    fi
+    note "Detectron2 $D2_VERSION installed and imports ($(py -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))'))"
 else
     say "Detectron2 $D2_VERSION already installed and built against this torch: skipping the build"
     note "(FORCE_DETECTRON2_BUILD=1 rebuilds it)"

@@ -3,7 +3,9 @@ Checkpoints that a run killed while saving cannot leave half-written under a nam
 `--resume` or `--eval-only` reads, and loading that names the file at fault.
 """
 
+import errno
 import os
+import shutil
 from typing import Callable, IO
 from urllib.parse import urlparse
 import torch
@@ -29,9 +31,20 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = os.path.dirname(os.path.abspath(path))
+            free = shutil.disk_usage(folder).free
+            raise OSError(
+                e.errno,
+                f"Cannot write '{path}': no space left on its disk (or quota) after "
+                f"{written / 2**20:.1f} MiB; {free / 2**20:.1f} MiB are free in '{folder}'. "
+                f"'{path}' and the files written before are as they were (the partial file is "
+                "removed). Free space, or give another OUTPUT_DIR, then go on with --resume.",
+            ) from e
         raise
 
 

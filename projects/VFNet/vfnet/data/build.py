@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from detectron2.config import configurable
-from detectron2.data import DatasetFromList, get_detection_dataset_dicts
+from detectron2.data import DatasetFromList
 from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.data.samplers import (
     RandomSubsetTrainingSampler,
@@ -19,7 +19,7 @@ from detectron2.data.samplers import (
 )
 from detectron2.utils import comm
 
-from .detection_utils import get_detection_dataset_dicts_as_mmdet
+from .detection_utils import get_training_dataset_dicts
 from .samplers import ResumableBatchSampler
 
 __all__ = ["SeededMapDataset", "build_resumable_train_loader"]
@@ -83,18 +83,12 @@ def _index_sampler(cfg, dataset_dicts: List[dict]) -> Callable[[int], TrainingSa
 
 
 def _train_loader_from_config(cfg, mapper: Callable[[dict], dict]) -> dict:
-    if cfg.DATALOADER.TRAIN_FILTER == "mmdet":
-        dataset_dicts = get_detection_dataset_dicts_as_mmdet(
-            cfg.DATASETS.TRAIN, cfg.DATALOADER.MIN_IMAGE_SIZE
-        )
-    elif cfg.DATALOADER.TRAIN_FILTER == "detectron2":
-        dataset_dicts = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
-    else:
-        raise ValueError(
-            f"DATALOADER.TRAIN_FILTER must be 'detectron2' or 'mmdet', got '{cfg.DATALOADER.TRAIN_FILTER}'."
-        )
+    dataset_dicts = get_training_dataset_dicts(
+        cfg.DATASETS.TRAIN,
+        cfg.DATALOADER.TRAIN_FILTER,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_size=cfg.DATALOADER.MIN_IMAGE_SIZE,
+    )
     return {
         "dataset": dataset_dicts,
         "mapper": mapper,

@@ -153,6 +153,8 @@ def register_coco_dataset(
             (DATASETS.DROP_UNREADABLE_IMAGES); the files are then checked even if not
             `check_files`. The metadata's "dropped_images" lists their file names and
             "num_source_images" counts the JSON's images; the evaluation says how many it covers.
+            So are the annotations whose image_id is not in the JSON's "images" (counted in a
+            warning), which are refused without it.
         drop_image_ids: leave out these image ids instead, without checking the files: what
             the check of another process dropped (the DDP workers of tools/train_net.py take the
             main process's).
@@ -178,7 +180,9 @@ def register_coco_dataset(
 
     coco = load_coco_dict(json_file)
     total = len(coco.get("annotations", []))
-    coco, actions = clean_coco_dict(coco, json_file)
+    coco, actions = clean_coco_dict(coco, json_file, drop_unknown_images=drop_unreadable_images)
+    if not coco["images"]:
+        raise DatasetError(f"Dataset '{name}' ('{json_file}') has no images: its 'images' list is empty.")
     _report_cleaning(name, json_file, actions, total)
     if not coco.get("annotations"):
         logger.warning(

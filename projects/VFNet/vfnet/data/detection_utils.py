@@ -10,12 +10,23 @@ ignores the crowd ones (Detectron2's mapper drops those from the targets). Detec
 drops the images without a non-crowd annotation and keeps every box.
 """
 import logging
-from typing import List
+from typing import List, Sequence, Union
 
-from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.structures import BoxMode
 
-__all__ = ["filter_dataset_as_mmdet", "get_detection_dataset_dicts_as_mmdet", "is_valid_mmdet_annotation"]
+from .validation import DROP_UNREADABLE_KEY, DatasetError
+
+__all__ = [
+    "TRAIN_FILTERS",
+    "filter_dataset_as_mmdet",
+    "get_detection_dataset_dicts_as_mmdet",
+    "get_training_dataset_dicts",
+    "is_valid_mmdet_annotation",
+]
+
+TRAIN_FILTERS = ("detectron2", "mmdet")
 
 logger = logging.getLogger(__name__)
 
@@ -63,5 +74,92 @@ def filter_dataset_as_mmdet(dataset_dicts: List[dict], min_size: int = 32) -> Li
 
 def get_detection_dataset_dicts_as_mmdet(names, min_size: int = 32) -> List[dict]:
     """Detectron2's `get_detection_dataset_dicts(names)` under MMDetection's filter instead of
-    Detectron2's (DATALOADER.TRAIN_FILTER "mmdet"; a LazyConfig's ``dataloader.train.dataset``)."""
-    return filter_dataset_as_mmdet(get_detection_dataset_dicts(names, filter_empty=False), min_size)
+    Detectron2's (DATALOADER.TRAIN_FILTER "mmdet"; a LazyConfig's ``dataloader.train.dataset``);
+    see :func:`get_training_dataset_dicts`."""
+    return get_training_dataset_dicts(names, "mmdet", min_size=min_size)
+
+
+def get_training_dataset_dicts(
+    names: Union[str, Sequence[str]],
+    train_filter: str = "detectron2",
+    filter_empty: bool = True,
+    min_size: int = 32,
+) -> List[dict]:
+    """
+    The training images of the datasets `names` (DATASETS.TRAIN) under a training-set filter
+    (DATALOADER.TRAIN_FILTER): "detectron2", Detectron2's `get_detection_dataset_dicts`, which
+    drops the images without a non-crowd annotation when `filter_empty`
+    (DATALOADER.FILTER_EMPTY_ANNOTATIONS); or "mmdet", :func:`filter_dataset_as_mmdet` with
+    `min_size` (DATALOADER.MIN_IMAGE_SIZE).
+
+    Raises:
+        DatasetError: when no image is left, naming each dataset, its number of images, how many
+            each filter removed, and the keys that keep them.
+    """
+    if train_filter not in TRAIN_FILTERS:
+        raise ValueError(
+            f"DATALOADER.TRAIN_FILTER must be one of {TRAIN_FILTERS}, got '{train_filter}'."
+        )
+    names = [names] if isinstance(names, str) else list(names)
+    dataset_dicts = get_detection_dataset_dicts(names, filter_empty=False)
+    if train_filter == "mmdet":
+        dataset_dicts = filter_dataset_as_mmdet(dataset_dicts, min_size)
+    elif filter_empty and dataset_dicts and "annotations" in dataset_dicts[0]:
+        # As get_detection_dataset_dicts(filter_empty=True) does, after its class histogram
+        # (which counts no image this drops: they have crowd annotations at most).
+        dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
+    if not dataset_dicts:
+        raise DatasetError(_no_training_image(names, train_filter, filter_empty, min_size))
+    return dataset_dicts
+
+
+def _no_training_image(names: List[str], train_filter: str, filter_empty: bool, min_size: int) -> str:
+    """Why the training-set filter left no image of the datasets `names`."""
+    per_dataset = []
+    for name in names:
+        dicts = DatasetCatalog.get(name)
+        annotations = [d.get("annotations", []) for d in dicts]
+        if train_filter == "mmdet":
+            empty = sum(not anns for anns in annotations)
+            small = sum(
+                bool(anns) and min(d["height"], d["width"]) < min_size
+                for d, anns in zip(dicts, annotations)
+            )
+            removed = (
+                f"DATALOADER.TRAIN_FILTER 'mmdet' removed {empty} without annotations and {small} "
+                f"smaller than {min_size} px on a side (DATALOADER.MIN_IMAGE_SIZE)"
+            )
+        else:
+            empty = sum(not any(a.get("iscrowd", 0) == 0 for a in anns) for anns in annotations)
+            removed = (
+                f"DATALOADER.FILTER_EMPTY_ANNOTATIONS True removed its {empty} without a "
+                "(non-crowd) annotation"
+                if filter_empty
+                else "no filter removed any"
+            )
+        meta = MetadataCatalog.get(name)
+        dropped = meta.get("dropped_images") or []
+        at_registration = (
+            f"; {len(dropped)} of the {meta.get('num_source_images')} images of its JSON were "
+            f"left out before, their files unreadable ({DROP_UNREADABLE_KEY})"
+            if dropped
+            else ""
+        )
+        per_dataset.append(f"dataset '{name}' has {len(dicts)} images: {removed}{at_registration}")
+    if train_filter == "mmdet":
+        keep = (
+            "DATALOADER.TRAIN_FILTER detectron2 with DATALOADER.FILTER_EMPTY_ANNOTATIONS False "
+            "keeps the images without annotations (trained on as background), and a smaller "
+            "DATALOADER.MIN_IMAGE_SIZE the small ones"
+        )
+    else:
+        keep = (
+            "DATALOADER.FILTER_EMPTY_ANNOTATIONS False keeps the images without annotations "
+            "(trained on as background)"
+        )
+    return (
+        f"No training image is left of DATASETS.TRAIN {tuple(names)}: "
+        + "; ".join(per_dataset)
+        + f". {keep}; or annotate the images (a detector learns nothing from a training set "
+        "without a box)."
+    )

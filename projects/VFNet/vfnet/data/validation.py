@@ -7,17 +7,19 @@ Outcomes, per problem:
 * refused (:class:`DatasetError`, naming the file, the entry and the key or value): a file that
   is not JSON or not COCO, an entry without a key Detectron2 reads, a bbox that is not 4
   numbers, an image size that is not positive, duplicate image / annotation / category ids, a
-  category id that is not in "categories", an image file that is missing, unreadable, truncated
-  or whose size is not the one in the JSON; unless, for the image files, one asks
-  (``--load-truncated-images``, ``--drop-unreadable-images``) for:
+  category id that is not in "categories", an annotation whose image id is not in "images", an
+  image file that is missing, unreadable, truncated or whose size is not the one in the JSON;
+  unless, for the image ids and files, one asks (``--load-truncated-images``,
+  ``--drop-unreadable-images``) for:
 * loaded, with a warning per file: a truncated image file that decodes as far as its data goes
   (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES``, set only while such a file is decoded: see
   :func:`truncated_images_loaded`; OpenCV decodes such a JPEG the same, with a warning);
 * dropped, with a warning that counts and names them: image files that are missing or cannot be
   read (with their annotations, by the caller);
-* dropped, with a warning that counts them: annotations of an image id not in "images", boxes
-  with NaN / inf / null coordinates, with zero or negative width or height, or wholly outside
-  their image;
+* dropped, with a warning that counts them: annotations of an image id not in "images" (with
+  ``--drop-unreadable-images``);
+* dropped, with a warning that counts them: boxes with NaN / inf / null coordinates, with zero
+  or negative width or height, or wholly outside their image;
 * fixed: boxes partly outside their image are clipped to it (their "area" capped at the clipped
   box's), with a warning that counts them; a missing "area" is set to the box's and a missing
   "iscrowd" to 0 (COCO evaluation reads both).
@@ -123,15 +125,27 @@ def load_coco_dict(json_file: str) -> dict:
                 f"'{json_file}': images[{i}] (id {img['id']}) has width {img['width']!r} and "
                 f"height {img['height']!r}; they must be positive numbers."
             )
+    for i, img in enumerate(coco["images"]):
+        if not (isinstance(img["file_name"], str) and img["file_name"]):
+            raise DatasetError(
+                f"'{json_file}': images[{i}] (id {img['id']}) has file_name "
+                f"{img['file_name']!r}; it must be the image's path under the image directory."
+            )
     for i, ann in enumerate(coco.get("annotations", [])):
         box = ann["bbox"]
+        where = f"'{json_file}': annotations[{i}] (id {ann['id']}, image id {ann['image_id']})"
         if not (
             isinstance(box, list) and len(box) == 4 and all(_is_number(v) or v is None for v in box)
         ):
+            raise DatasetError(f"{where} has bbox {box!r}; it must be [x, y, width, height].")
+        # Optional keys, read by the evaluation (both) and MMDetection's training filter (area).
+        if ann.get("area") is not None and not _is_number(ann["area"]):
             raise DatasetError(
-                f"'{json_file}': annotations[{i}] (id {ann['id']}, image id {ann['image_id']}) has "
-                f"bbox {box!r}; it must be [x, y, width, height]."
+                f"{where} has area {ann['area']!r}; it must be a number (or absent: it is then "
+                "the box's)."
             )
+        if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+            raise DatasetError(f"{where} has iscrowd {ann['iscrowd']!r}; it must be 0 or 1.")
     return coco
 
 
@@ -145,19 +159,34 @@ def _check_unique_ids(coco: dict, json_file: str) -> None:
             )
 
 
+def _unknown_ids(coco: dict, key: str, known: set) -> List[str]:
+    """The annotations whose `key` (category_id, image_id) is not in `known`, described."""
+    return [
+        f"annotation id {a['id']} of image id {a['image_id']}: {key} {a[key]!r}"
+        for a in coco.get("annotations", [])
+        if a[key] not in known
+    ]
+
+
 def _check_category_ids(coco: dict, json_file: str) -> None:
     category_ids = {c["id"] for c in coco["categories"]}
     if not category_ids:
         raise DatasetError(f"'{json_file}' has no categories.")
-    unknown = [
-        f"annotation id {a['id']} of image id {a['image_id']}: category_id {a['category_id']!r}"
-        for a in coco.get("annotations", [])
-        if a["category_id"] not in category_ids
-    ]
+    unknown = _unknown_ids(coco, "category_id", category_ids)
     if unknown:
         raise DatasetError(
             f"'{json_file}': {len(unknown)} annotations have a category_id that is not in "
             f"'categories' ({sorted(category_ids)}): {_listed(unknown)}."
+        )
+
+
+def _check_image_ids(coco: dict, json_file: str) -> None:
+    unknown = _unknown_ids(coco, "image_id", {img["id"] for img in coco["images"]})
+    if unknown:
+        raise DatasetError(
+            f"'{json_file}': {len(unknown)} annotations have an image_id that is not in "
+            f"'images': {_listed(unknown)}. Fix the ids, or drop these annotations with "
+            f"{DROP_UNREADABLE_FLAG} (config {DROP_UNREADABLE_KEY} True)."
         )
 
 
@@ -178,9 +207,10 @@ def _clean_box(ann: dict, width: float, height: float) -> Tuple[Optional[dict], 
     ann, done = dict(ann), []
     if (x1, y1, x2, y2) != (x, y, x + w, y + h):
         ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
-        ann["area"] = min(ann.get("area", math.inf), (x2 - x1) * (y2 - y1))
+        area = ann.get("area")
+        ann["area"] = min(math.inf if area is None else area, (x2 - x1) * (y2 - y1))
         done.append("clipped: bbox partly outside its image")
-    if "area" not in ann:
+    if ann.get("area") is None:
         ann["area"] = w * h
         done.append("filled: missing 'area' set to the box's")
     if "iscrowd" not in ann:
@@ -189,10 +219,16 @@ def _clean_box(ann: dict, width: float, height: float) -> Tuple[Optional[dict], 
     return ann, done
 
 
-def clean_coco_dict(coco: dict, json_file: str) -> Tuple[dict, Dict[str, List]]:
+def clean_coco_dict(
+    coco: dict, json_file: str, drop_unknown_images: bool = False
+) -> Tuple[dict, Dict[str, List]]:
     """
     Check the ids of a dataset read by :func:`load_coco_dict` and clean its annotations (see the
     module docstring).
+
+    Args:
+        drop_unknown_images: drop the annotations whose image_id is not in "images" (counted
+            in the returned actions) instead of refusing them (DATASETS.DROP_UNREADABLE_IMAGES).
 
     Returns:
         the cleaned dataset (the input is not modified), and for each thing done (a sentence
@@ -201,6 +237,8 @@ def clean_coco_dict(coco: dict, json_file: str) -> Tuple[dict, Dict[str, List]]:
     """
     _check_unique_ids(coco, json_file)
     _check_category_ids(coco, json_file)
+    if not drop_unknown_images:
+        _check_image_ids(coco, json_file)
     if "annotations" not in coco:
         return coco, {}
     images = {img["id"]: img for img in coco["images"]}
@@ -208,7 +246,7 @@ def clean_coco_dict(coco: dict, json_file: str) -> Tuple[dict, Dict[str, List]]:
     for ann in coco["annotations"]:
         img = images.get(ann["image_id"])
         if img is None:
-            actions["dropped: image id not in 'images'"].append(ann["id"])
+            actions[f"dropped: image id not in 'images' ({DROP_UNREADABLE_KEY})"].append(ann["id"])
             continue
         cleaned, done = _clean_box(ann, img["width"], img["height"])
         for action in done:

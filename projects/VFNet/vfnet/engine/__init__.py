@@ -5,6 +5,7 @@ The training loops: Detectron2's DefaultTrainer for VFNet and what tools/train_n
 from .defaults import (
     Trainer,
     check_datasets,
+    check_output_dir,
     default_argument_parser,
     launch_main,
     main,

@@ -7,6 +7,7 @@ import difflib
 import logging
 import os
 import re
+import tempfile
 import weakref
 from collections import OrderedDict
 
@@ -31,6 +32,7 @@ from .hooks import Pictures, StochasticWeightAveraging
 __all__ = [
     "Trainer",
     "check_datasets",
+    "check_output_dir",
     "default_argument_parser",
     "launch_main",
     "main",
@@ -316,12 +318,37 @@ def merge_config(cfg, config_file, opts):
             raise KeyError(f"Config key {key} ({source}) does not exist.{hint}") from None
 
 
+def check_output_dir(path: str, key: str = "OUTPUT_DIR") -> None:
+    """
+    Refuse an output directory (the config key `key`) that is not a directory, or cannot be
+    created or written, before anything is written to it; create it when it is missing. A
+    PathManager address (``scheme://...``) is left to its handler.
+    """
+    if not path or "://" in path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"{key} '{path}' exists and is not a directory: give a directory for the logs, "
+            "checkpoints and results (it is created when it does not exist)."
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".vfnet_write_check_"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{key} '{path}' cannot be created or written ({type(e).__name__}: {e}): give a "
+            "directory this process can write the logs, checkpoints and results to."
+        ) from None
+
+
 def setup(args):
     """The frozen config of `args` (config file, then overrides), set up as Detectron2 does."""
     cfg = get_cfg()
     add_vfnet_config(cfg)
     merge_config(cfg, args.config_file, args.opts)
     cfg.freeze()
+    check_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vfnet")
     return cfg

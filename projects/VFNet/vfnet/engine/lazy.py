@@ -37,7 +37,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.detection_checkpoint import VFNetCheckpointer, load_for_evaluation
 from ..utils.gallery import write_dataset_gallery
-from .defaults import create_ddp_model, register_datasets
+from .defaults import check_output_dir, create_ddp_model, register_datasets
 from .hooks import Pictures
 
 __all__ = ["do_test", "do_train", "main", "setup", "unknown_override_keys"]
@@ -101,6 +101,7 @@ def setup(args):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     if getattr(args, "load_truncated_images", False):
         _load_truncated_images(cfg)
+    check_output_dir(cfg.train.output_dir, key="train.output_dir")
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="vfnet")
     for key, close in unknown:

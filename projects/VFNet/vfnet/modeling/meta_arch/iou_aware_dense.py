@@ -139,6 +139,8 @@ class IoUAwareRetinaNet(_IoUAwareClassification, RetinaNet):
     def _decode_per_level_predictions(self, anchors, pred_scores, pred_deltas, *args):
         pred = super()._decode_per_level_predictions(anchors, pred_scores, pred_deltas, *args)
         if self.clip_boxes_before_nms:
+            # Boxes of non-finite predictions are no detections (the clip would assert on them).
+            pred = pred[torch.isfinite(pred.pred_boxes.tensor).all(dim=1)]
             pred.pred_boxes.clip(pred.image_size)
             pred = pred[pred.pred_boxes.nonempty(threshold=0.0)]
         return pred

@@ -546,6 +546,10 @@ class VFNet(DenseDetector):
             self.test_topk_candidates,
             image_size,
         )
+        # A box decoded from a non-finite distance (a diverged model, a non-finite input) is no
+        # detection: it is dropped before the clip, which would turn it into a finite box (and
+        # whose assertion would stop the inference).
+        pred = pred[torch.isfinite(pred.pred_boxes.tensor).all(dim=1)]
         pred.pred_boxes.clip(image_size)
         # Boxes clipped to nothing are dropped before NMS (as the official post-processing does),
         # so that they take no place among the detections kept.
