@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
-from vfnet.utils import gpu_check  # noqa: E402
-from vfnet.utils.gpu_check import MODELS, PRECISIONS, TRAINED, check_kernel  # noqa: E402
+from dev import gpu_check  # noqa: E402
+from dev.gpu_check import MODELS, PRECISIONS, TRAINED, check_kernel  # noqa: E402
 
 from helpers import ROOT  # noqa: E402
 

@@ -1,10 +1,11 @@
 """
-tools/compare_losses.py (vfnet/utils/loss_comparison.py): the commands of the FL / QFL / VFL
+tools/compare_losses.py (dev/loss_comparison.py): the commands of the FL / QFL / VFL
 comparison build each detector with its loss and the recipe it claims, the runner runs what is
 missing in order, and the table reports what the runs wrote.
 """
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -16,7 +17,7 @@ from detectron2.config import LazyConfig, get_cfg  # noqa: E402
 
 import vfnet  # noqa: E402
 from vfnet.engine.defaults import default_argument_parser, merge_config  # noqa: E402
-from vfnet.utils.loss_comparison import (  # noqa: E402
+from dev.loss_comparison import (  # noqa: E402
     DETECTORS,
     LOSSES,
     Run,
@@ -179,16 +180,14 @@ def test_runner_messages_from_parallel_runs_do_not_interleave(tmp_path):
     assert sorted(l.split()[1].rstrip(":") for l in lines) == sorted(r.output_dir for r in runs for _ in "ab")
 
 
-def test_tool_prints_the_commands_and_refuses_a_malformed_dataset(capsys):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import compare_losses
-    finally:
-        sys.path.pop(0)
-    assert compare_losses.main(["--seeds", "0", "--dry-run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+def test_tool_prints_the_commands_and_refuses_a_malformed_dataset():
+    tool = [sys.executable, os.path.join(ROOT, "tools", "compare_losses.py")]
+    done = subprocess.run([*tool, "--seeds", "0", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
     assert len(lines) == len(DETECTORS) * len(LOSSES)
     assert lines[0].startswith("python tools/train_net.py --config-file configs/RetinaNet_VFL_Shapes_Demo.yaml")
-    with pytest.raises(SystemExit):
-        compare_losses.main(["--finetune", "rac_train=/x.json", VAL, "--dry-run"])
-    assert "expected NAME=JSON:IMAGE_DIR" in capsys.readouterr().err
+    done = subprocess.run(
+        [*tool, "--finetune", "rac_train=/x.json", VAL, "--dry-run"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "expected NAME=JSON:IMAGE_DIR" in done.stderr

@@ -7,7 +7,7 @@ virtualenv that has it (README: Numerical parity):
     bash tools/install.sh --parity-env venv-mmdet
     venv-mmdet/bin/python -m pytest tests/test_mmdet_parity.py -q
 
-The harness is vfnet/checkpoint/mmdet_parity.py (run by tools/mmdet_parity.py): MMDetection's
+The harness is dev/mmdet_parity.py (run by tools/mmdet_parity.py): MMDetection's
 VFNet built from its official config with every tensor perturbed, converted as
 tools/convert_mmdet_to_d2.py does, loaded with DetectionCheckpointer, and compared on the same
 normalised input.
@@ -22,7 +22,7 @@ pytest.importorskip("mmdet", reason="MMDetection is not installed (optional: see
 pytest.importorskip("mmengine")
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
-from vfnet.checkpoint import mmdet_parity as mp  # noqa: E402
+from dev import mmdet_parity as mp  # noqa: E402
 
 REL_TOL = 1e-4
 
@@ -46,7 +46,7 @@ def test_every_tensor_perturbed_converted_and_loaded(report):
 
 def test_inverse_mapping_reproduces_mmdet_keys(report):
     """The fake MMDetection checkpoints of tests/test_converter.py have MMDetection's exact keys."""
-    from vfnet.checkpoint.converter import d2_to_mmdet
+    from helpers import d2_to_mmdet
 
     mm_keys = set(report.objects["mm_model"].state_dict())
     fake = set(d2_to_mmdet(report.objects["d2_model"].state_dict()))

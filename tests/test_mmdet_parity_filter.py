@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-mp = pytest.importorskip("vfnet.checkpoint.mmdet_parity")
+mp = pytest.importorskip("dev.mmdet_parity")
 pytest.importorskip("mmdet")
 pytest.importorskip("pycocotools")
 from PIL import Image  # noqa: E402

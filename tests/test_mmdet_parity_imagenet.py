@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-mp = pytest.importorskip("vfnet.checkpoint.mmdet_parity")
+mp = pytest.importorskip("dev.mmdet_parity")
 pytest.importorskip("mmdet")
 
 from helpers import ROOT  # noqa: E402

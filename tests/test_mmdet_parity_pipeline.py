@@ -10,7 +10,7 @@ pytest.importorskip("detectron2", reason="Detectron2 is not installed (see READM
 
 from detectron2.data import transforms as T  # noqa: E402
 
-from vfnet.checkpoint import mmdet_parity as mp  # noqa: E402
+from dev import mmdet_parity as mp  # noqa: E402
 from vfnet.data.augmentations import RandomKeepRatioResize  # noqa: E402
 from vfnet.data.transforms import CV2ResizeTransform  # noqa: E402
 

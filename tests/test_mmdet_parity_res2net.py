@@ -3,7 +3,7 @@ Parity of this project's Res2Net VFNets with MMDetection's, through the converte
 and R2-101-DCN models of MMDetection 3.3's configs/vfnet/vfnet_res2net-101_fpn_ms-2x_coco.py and
 vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py, every tensor perturbed, converted, loaded into
 configs/mmdet/VFNet_R2_101*_FPN_MS_2x.yaml, and compared as tests/test_mmdet_parity.py does
-(harness: vfnet/checkpoint/mmdet_parity.py). Needs MMDetection (skipped without it):
+(harness: dev/mmdet_parity.py). Needs MMDetection (skipped without it):
 
     venv-mmdet/bin/python -m pytest tests/test_mmdet_parity_res2net.py -q
 """
@@ -17,7 +17,7 @@ pytest.importorskip(
 pytest.importorskip("mmengine")
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
-from vfnet.checkpoint import mmdet_parity as mp  # noqa: E402
+from dev import mmdet_parity as mp  # noqa: E402
 
 # The comparisons of the R-50 parity test, collected here again with this module's `report`
 # fixture (pytest resolves a test's fixtures where it is collected): the same assertions.

@@ -6,7 +6,7 @@ Needs MMDetection (skipped without it); run with the parity virtualenv's interpr
 
     venv-mmdet/bin/python -m pytest tests/test_mmdet_parity_retinanet.py -q
 
-The harness is vfnet/checkpoint/mmdet_parity_retinanet.py: MMDetection's RetinaNet built from its
+The harness is dev/mmdet_parity_retinanet.py: MMDetection's RetinaNet built from its
 configs/retinanet/retinanet_r50_fpn_1x_coco.py with every tensor perturbed, converted as
 tools/convert_mmdet_to_d2.py --arch retinanet does, loaded into the model of
 configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml, compared on the same input.
@@ -18,8 +18,8 @@ pytest.importorskip("mmdet", reason="MMDetection is not installed (optional: see
 pytest.importorskip("mmengine")
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
-from vfnet.checkpoint import mmdet_parity as mp  # noqa: E402
-from vfnet.checkpoint.mmdet_parity_retinanet import run_retinanet_parity  # noqa: E402
+from dev import mmdet_parity as mp  # noqa: E402
+from dev.mmdet_parity_retinanet import run_retinanet_parity  # noqa: E402
 
 REL_TOL = 1e-4
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-mp = pytest.importorskip("vfnet.checkpoint.mmdet_parity")
+mp = pytest.importorskip("dev.mmdet_parity")
 pytest.importorskip("mmdet")
 
 BASE_LR, MOMENTUM, WEIGHT_DECAY, WARMUP_ITERS, WARMUP_RATIO = 0.01, 0.9, 1e-4, 500, 0.1

@@ -151,8 +151,11 @@ def training_batch(nan_pixels=False, nan_box=False):
 )  # fmt: skip
 def test_a_non_finite_training_step_says_where_the_value_first_appeared(case, where):
     from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
     from helpers import small_cfg
+
+    import itertools
+
+    from vfnet.engine.train_loop import SimpleTrainer
 
     torch.manual_seed(0)
     model = build_model(small_cfg()).train()
@@ -160,8 +163,10 @@ def test_a_non_finite_training_step_says_where_the_value_first_appeared(case, wh
     if case == "features":  # an FPN output conv overflows on finite inputs
         with torch.no_grad():
             model.backbone.fpn_output3.weight.mul_(1e38)
-    with EventStorage(4), pytest.raises(FloatingPointError) as info:
-        model(batch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = SimpleTrainer(model, itertools.repeat(batch), optimizer)
+    with pytest.raises(FloatingPointError) as info:
+        trainer.train(4, 5)
     message = str(info.value)
     assert where in message, message
     image = 1 if case in ("pixels", "box") else 0
@@ -241,7 +246,7 @@ def test_a_test_amp_dtype_that_autocast_does_not_take_is_refused():
 def test_detections_are_matched_by_class_and_overlap_above_the_score():
     from detectron2.structures import Boxes, Instances
 
-    from vfnet.evaluation.autocast_parity import match_detections, summarize_matches
+    from dev.autocast_parity import match_detections, summarize_matches
 
     def detections(boxes, scores, classes):
         return Instances(

@@ -22,9 +22,10 @@ from vfnet.checkpoint.converter import (
     convert_imagenet_backbone,
     convert_key,
     convert_mmdet_to_d2,
-    d2_to_mmdet,
     describe_mmdet_state_dict,
 )
+
+from helpers import d2_to_mmdet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "convert_mmdet_to_d2.py")

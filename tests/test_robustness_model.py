@@ -11,12 +11,12 @@ import torch
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import SimpleTrainer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import vfnet  # noqa: E402
+from vfnet.engine.train_loop import SimpleTrainer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

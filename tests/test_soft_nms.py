@@ -404,7 +404,7 @@ def test_max_num_is_the_head_of_the_result(method):
 
 def test_benchmark_tool_runs(capsys):
     # Its timings are not asserted: it runs, and prints the CPU and one row per size.
-    from vfnet.utils.benchmark_soft_nms import main
+    from dev.benchmark_soft_nms import main
 
     threads = torch.get_num_threads()
     try:

@@ -20,9 +20,12 @@ thresholds are set to 0 so that post-processing always handles the full top-k ca
 every level (the worst case).
 """
 import argparse
+import os
 import sys
 
-from vfnet.utils.benchmark import MODELS, VFNET_CONFIGS, run_benchmark
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/
+
+from dev.benchmark import MODELS, VFNET_CONFIGS, run_benchmark  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -7,8 +7,12 @@ one), forward and backward, with their largest relative differences to torchvisi
     python tools/benchmark_deform_conv.py [--iters 3]
 """
 import argparse
+import os
+import sys
 
-from vfnet.utils.benchmark_deform_conv import run_kernel_benchmark
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/
+
+from dev.benchmark_deform_conv import run_kernel_benchmark  # noqa: E402
 
 
 def main():

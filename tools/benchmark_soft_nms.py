@@ -6,9 +6,12 @@ score threshold, 80 classes, IoU threshold 0.65. Prints a table with the CPU mod
 
     python tools/benchmark_soft_nms.py [--iters 5] [--threads 1] [--sizes 1000 5000]
 """
+import os
 import sys
 
-from vfnet.utils.benchmark_soft_nms import main
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/
+
+from dev.benchmark_soft_nms import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

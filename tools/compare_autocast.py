@@ -9,11 +9,15 @@ the other run, the largest box and score differences of the matched ones.
         MODEL.WEIGHTS output/vfnet_raccoon/model_final.pth
 """
 import json
+import os
+import sys
 
-from vfnet.checkpoint.detection_checkpoint import load_for_evaluation
-from vfnet.data.datasets import register_coco_dataset
-from vfnet.engine import Trainer, default_argument_parser, setup
-from vfnet.evaluation.autocast_parity import compare_on_loader
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/
+
+from vfnet.checkpoint.detection_checkpoint import load_for_evaluation  # noqa: E402
+from vfnet.data.datasets import register_coco_dataset  # noqa: E402
+from vfnet.engine import Trainer, default_argument_parser, setup  # noqa: E402
+from dev.autocast_parity import compare_on_loader  # noqa: E402
 
 
 def main():

@@ -19,9 +19,12 @@ import argparse
 import os
 import sys
 
-from vfnet.data.datasets import SHAPES_PARAMS, default_shapes_root
-from vfnet.data.shapes import ensure_shapes_dataset
-from vfnet.utils.loss_comparison import (
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/
+
+from vfnet.data.datasets import SHAPES_PARAMS, default_shapes_root  # noqa: E402
+from vfnet.data.shapes import ensure_shapes_dataset  # noqa: E402
+from dev.loss_comparison import (  # noqa: E402
+
     FINETUNE_CONFIG,
     finetune_recipe,
     finetune_runs,

@@ -41,6 +41,7 @@ if importlib.util.find_spec("vfnet") is None:  # not installed: use the source t
 from vfnet.checkpoint.converter import ConversionError, convert_checkpoint_file  # noqa: E402
 from vfnet.checkpoint.retinanet_converter import convert_retinanet_checkpoint_file  # noqa: E402
 
+
 CONVERTERS = {"vfnet": convert_checkpoint_file, "retinanet": convert_retinanet_checkpoint_file}
 
 

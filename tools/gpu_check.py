@@ -23,7 +23,10 @@ import argparse
 import os
 import sys
 
-from vfnet.utils.gpu_check import SECTIONS, run_gpu_check
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/
+
+from dev.gpu_check import SECTIONS, run_gpu_check  # noqa: E402
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -27,10 +27,13 @@ is compared is everything around them (weights, offsets, masks, wiring).
 """
 import argparse
 import os
+import sys
 
 import torch
 
-from vfnet.checkpoint.mmdet_parity import (
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/
+
+from dev.mmdet_parity import (  # noqa: E402
     DEFAULT_IMAGE,
     VARIANTS,
     end_to_end_report,

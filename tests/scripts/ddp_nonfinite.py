@@ -1,10 +1,12 @@
 """
-Two gloo workers train a small VFNet one step each; worker 1's image holds NaN. Each worker
+Two gloo workers train a small VFNet one step each (vfnet.engine.train_loop.SimpleTrainer);
+worker 1's image holds NaN. Each worker
 writes the message of the FloatingPointError it stops with to OUT_DIR/rank{R}.txt, for
 tests/test_numerics.py.
 
     python tests/scripts/ddp_nonfinite.py OUT_DIR
 """
+import itertools
 import os
 import sys
 
@@ -14,11 +16,12 @@ from torch.nn.parallel import DistributedDataParallel
 from detectron2.engine import launch
 from detectron2.modeling import build_model
 from detectron2.utils import comm
-from detectron2.utils.events import EventStorage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import small_cfg  # noqa: E402
 from test_numerics import training_batch  # noqa: E402
+
+from vfnet.engine.train_loop import SimpleTrainer  # noqa: E402
 
 
 def worker(out_dir):
@@ -26,10 +29,9 @@ def worker(out_dir):
     model = DistributedDataParallel(build_model(small_cfg()).train())
     rank = comm.get_rank()
     batch = training_batch(nan_pixels=True)[rank : rank + 1]
+    trainer = SimpleTrainer(model, itertools.repeat(batch), torch.optim.SGD(model.parameters(), lr=0.0))
     try:
-        with EventStorage(0):
-            losses = model(batch)
-        sum(losses.values()).backward()
+        trainer.train(0, 1)
         message = "no error"
     except FloatingPointError as e:
         message = str(e)

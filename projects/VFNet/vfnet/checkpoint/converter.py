@@ -38,7 +38,7 @@ import os
 import re
 import tempfile
 from collections import OrderedDict
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -55,7 +55,6 @@ __all__ = [
     "convert_key",
     "describe_mmdet_state_dict",
     "extract_state_dict",
-    "d2_to_mmdet",
     "is_res2net",
     "load_checkpoint",
     "save_atomic",
@@ -555,144 +554,6 @@ def describe_mmdet_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, obj
         "num_levels": len([k for k in keys if re.fullmatch(r"bbox_head\.scales\.\d+\.scale", k)]),
         "head_norm": "GN" if any(".gn." in k for k in keys if k.startswith("bbox_head.")) else "",
     }
-
-
-# ---------------------------------------------------------------------- inverse (for tests)
-_INVERSE: List[Tuple["re.Pattern", Callable[["re.Match"], str]]] = [
-    (re.compile(r"backbone\.bottom_up\.stem\.conv1\.weight"), lambda m: "backbone.conv1.weight"),
-    (
-        re.compile(rf"backbone\.bottom_up\.stem\.conv1\.norm\.{_BN}"),
-        lambda m: f"backbone.bn1.{m.group(1)}",
-    ),
-    (
-        re.compile(r"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv([123])\.weight"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.conv{m.group(3)}.weight",
-    ),
-    (
-        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv([123])\.norm\.{_BN}"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.bn{m.group(3)}.{m.group(4)}",
-    ),
-    (
-        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv2_offset\.{_WB}"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.conv2.conv_offset.{m.group(3)}",
-    ),
-    (
-        re.compile(r"backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.weight"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.downsample.0.weight",
-    ),
-    (
-        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.norm\.{_BN}"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.downsample.1.{m.group(3)}",
-    ),
-    (
-        re.compile(rf"backbone\.fpn_lateral([3-5])\.{_WB}"),
-        lambda m: f"neck.lateral_convs.{int(m.group(1)) - 3}.conv.{m.group(2)}",
-    ),
-    (
-        re.compile(rf"backbone\.fpn_output([3-5])\.{_WB}"),
-        lambda m: f"neck.fpn_convs.{int(m.group(1)) - 3}.conv.{m.group(2)}",
-    ),
-    (
-        re.compile(rf"backbone\.top_block\.p6\.{_WB}"),
-        lambda m: f"neck.fpn_convs.3.conv.{m.group(1)}",
-    ),
-    (
-        re.compile(rf"backbone\.top_block\.p7\.{_WB}"),
-        lambda m: f"neck.fpn_convs.4.conv.{m.group(1)}",
-    ),
-    (
-        re.compile(rf"head\.(cls|reg)_tower\.(\d+)\.conv_offset\.{_WB}"),
-        lambda m: f"bbox_head.{m.group(1)}_convs.{m.group(2)}.conv.conv_offset.{m.group(3)}",
-    ),
-    (
-        re.compile(r"head\.(cls|reg)_tower\.(\d+)\.conv\.weight"),
-        lambda m: f"bbox_head.{m.group(1)}_convs.{m.group(2)}.conv.weight",
-    ),
-    (
-        re.compile(rf"head\.(cls|reg)_tower\.(\d+)\.norm\.{_GN}"),
-        lambda m: f"bbox_head.{m.group(1)}_convs.{m.group(2)}.gn.{m.group(3)}",
-    ),
-    (
-        re.compile(rf"head\.(cls|reg)_tower\.(\d+)\.{_WB}"),
-        lambda m: f"bbox_head.{m.group(1)}_convs.{m.group(2)}.conv.{m.group(3)}",
-    ),
-    (
-        re.compile(rf"head\.reg_init_conv\.norm\.{_GN}"),
-        lambda m: f"bbox_head.vfnet_reg_conv.gn.{m.group(1)}",
-    ),
-    (
-        re.compile(rf"head\.reg_init_conv\.{_WB}"),
-        lambda m: f"bbox_head.vfnet_reg_conv.conv.{m.group(1)}",
-    ),
-    (re.compile(rf"head\.reg_init\.{_WB}"), lambda m: f"bbox_head.vfnet_reg.{m.group(1)}"),
-    (
-        re.compile(r"head\.reg_refine_conv\.weight"),
-        lambda m: "bbox_head.vfnet_reg_refine_dconv.weight",
-    ),
-    (re.compile(rf"head\.reg_refine\.{_WB}"), lambda m: f"bbox_head.vfnet_reg_refine.{m.group(1)}"),
-    (re.compile(r"head\.cls_conv\.weight"), lambda m: "bbox_head.vfnet_cls_dconv.weight"),
-    (re.compile(rf"head\.cls_score\.{_WB}"), lambda m: f"bbox_head.vfnet_cls.{m.group(1)}"),
-]
-
-
-# Res2Net's names where they differ from ResNet's (tried first for a Res2Net backbone).
-_INVERSE_RES2NET: List[Tuple["re.Pattern", Callable[["re.Match"], str]]] = [
-    (
-        re.compile(r"backbone\.bottom_up\.stem\.conv([123])\.weight"),
-        lambda m: f"backbone.stem.{3 * (int(m.group(1)) - 1)}.weight",
-    ),
-    (
-        re.compile(rf"backbone\.bottom_up\.stem\.conv([123])\.norm\.{_BN}"),
-        lambda m: f"backbone.stem.{3 * (int(m.group(1)) - 1) + 1}.{m.group(2)}",
-    ),
-    (
-        re.compile(r"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv2\.(\d+)\.weight"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.convs.{m.group(3)}.weight",
-    ),
-    (
-        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv2\.(\d+)\.norm\.{_BN}"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.bns.{m.group(3)}.{m.group(4)}",
-    ),
-    (
-        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.conv2_offset\.(\d+)\.{_WB}"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.convs.{m.group(3)}"
-        f".conv_offset.{m.group(4)}",
-    ),
-    (
-        re.compile(r"backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.weight"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.downsample.1.weight",
-    ),
-    (
-        re.compile(rf"backbone\.bottom_up\.res([2-5])\.(\d+)\.shortcut\.norm\.{_BN}"),
-        lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.downsample.2.{m.group(3)}",
-    ),
-]
-
-
-def d2_to_mmdet(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
-    """
-    Inverse of :func:`convert_mmdet_to_d2` (without ``num_batches_tracked``): Detectron2 names
-    of this project's VFNet (ResNet or Res2Net, told by ``stem.conv2``) to MMDetection's.
-    ``head.scales`` / ``head.scales_refine`` are split into per-level 0-dim tensors. Used to
-    build MMDetection-style state dicts in tests.
-    """
-    res2net = "backbone.bottom_up.stem.conv2.weight" in state_dict
-    inverse = _INVERSE_RES2NET + _INVERSE if res2net else _INVERSE
-    out: "OrderedDict[str, Tensor]" = OrderedDict()
-    for key, value in state_dict.items():
-        m = re.fullmatch(r"head\.(scales|scales_refine)", key)
-        if m:
-            for i, v in enumerate(value.unbind(0)):
-                out[f"bbox_head.{m.group(1)}.{i}.scale"] = v
-            continue
-        for pattern, fn in inverse:
-            m = pattern.fullmatch(key)
-            if m:
-                out[fn(m)] = value
-                break
-        else:
-            raise ConversionError(f"No inverse rule for Detectron2 key '{key}'.")
-    return out
 
 
 # ---------------------------------------------------------------------------- checkpoint files

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.engine import DefaultTrainer, default_setup, hooks, launch
+from detectron2.engine import DefaultTrainer, TrainerBase, default_setup, hooks, launch
 from detectron2.engine import defaults as d2_defaults
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -28,6 +28,7 @@ from ..modeling.test_time_augmentation import VFNetWithTTA
 from ..solver import build_lr_scheduler, build_optimizer, swa_schedule
 from ..utils.gallery import write_gallery
 from .hooks import Pictures, StochasticWeightAveraging
+from .train_loop import AMPTrainer, SimpleTrainer
 
 __all__ = [
     "Trainer",
@@ -41,21 +42,15 @@ __all__ = [
     "setup",
 ]
 
-_create_ddp_model = d2_defaults.create_ddp_model
-
 
 def create_ddp_model(model, **kwargs):
     """
-    Detectron2's `create_ddp_model`, which DefaultTrainer calls, also for CPU workers (gloo, as
-    `launch` starts them without GPUs): DistributedDataParallel takes no device_ids for a CPU
-    model.
+    Detectron2's `create_ddp_model`, also for CPU workers (gloo, as `launch` starts them without
+    GPUs): DistributedDataParallel takes no device_ids for a CPU model.
     """
     if next(model.parameters()).device.type == "cpu":
         kwargs.setdefault("device_ids", None)
-    return _create_ddp_model(model, **kwargs)
-
-
-d2_defaults.create_ddp_model = create_ddp_model
+    return d2_defaults.create_ddp_model(model, **kwargs)
 
 
 def check_datasets(cfg, keys=("TRAIN", "TEST")):
@@ -94,6 +89,8 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
+        # DefaultTrainer.__init__'s steps, with this project's DDP wrapper (CPU workers too),
+        # train loop (vfnet/engine/train_loop.py) and checkpointer.
         check_datasets(cfg)
         schedule = swa_schedule(cfg)
         if schedule.epochs and schedule.epoch_iters != cfg.SOLVER.SWA.EPOCH_ITERS:
@@ -101,20 +98,30 @@ class Trainer(DefaultTrainer):
             cfg.defrost()
             cfg.SOLVER.SWA.EPOCH_ITERS = schedule.epoch_iters
             cfg.freeze()
-        super().__init__(cfg)
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = VFNetCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = schedule.max_iter  # the writers' ETA and the hooks count the SWA phase
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
 
     def build_hooks(self):
-        # DefaultTrainer.__init__ builds its DetectionCheckpointer just before it calls
-        # build_hooks: replace it before the PeriodicCheckpointer hook takes it.
-        self.checkpointer = VFNetCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
         schedule = swa_schedule(self.cfg)
-        self.max_iter = schedule.max_iter  # the writers' ETA and the hooks count the SWA phase
         ret = super().build_hooks()
         if schedule.epochs:
             # Before the checkpointer, whose checkpoints hold the average of that iteration.

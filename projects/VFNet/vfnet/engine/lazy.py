@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Tuple
 from omegaconf import OmegaConf
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -39,6 +39,7 @@ from ..checkpoint.detection_checkpoint import VFNetCheckpointer, load_for_evalua
 from ..utils.gallery import write_dataset_gallery
 from .defaults import check_output_dir, create_ddp_model, register_datasets
 from .hooks import Pictures
+from .train_loop import AMPTrainer, SimpleTrainer
 
 __all__ = ["do_test", "do_train", "main", "setup", "unknown_override_keys"]
 

@@ -1,1 +1,1 @@
-"""The logic of the project's tools/ scripts: benchmarks and training-curve plots."""
+"""Pictures the trainer writes: the gallery of detections (gallery.py) and the training curves (plot_metrics.py)."""

@@ -26,6 +26,7 @@ from ..atss import ATSSMatcher
 from ..box_coding import distances_to_boxes
 from ..losses import CLS_LOSS_TYPES, iou_weighted_giou_loss, quality_focal_loss, varifocal_loss
 from ..vfnet_head import VFNetHead
+from .non_finite import first_non_finite
 
 __all__ = ["VFNet"]
 
@@ -42,128 +43,10 @@ def mean_over_workers(value: Tensor) -> float:
     return float(value)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """
-    A training loss that is NaN or infinite. `image` is the index in the batch of the image where
-    the non-finite value first appears, when it is one image's (None otherwise).
-    """
-
-    def __init__(self, message: str, image: Optional[int] = None):
-        super().__init__(message)
-        self.image = image
-
-
-def non_finite_workers(values: List[Tensor]) -> List[int]:
-    """
-    The ranks of the workers whose `values` are not all finite (one all-reduce under DDP). A
-    tensor's sum is non-finite when one of its elements is (or the sum overflows: not for
-    images and boxes); it takes one pass, without the boolean tensor of `isfinite`.
-    """
-    finite = all(bool(torch.isfinite(v.detach().sum())) for v in values)
-    world_size = comm.get_world_size()
-    if world_size == 1:
-        return [] if finite else [0]
-    # On the values' device: NCCL reduces CUDA tensors only.
-    flags = torch.zeros(world_size, dtype=torch.float64, device=values[0].device)
-    flags[comm.get_rank()] = 0.0 if finite else 1.0
-    dist.all_reduce(flags)
-    return flags.nonzero().flatten().tolist()
-
-
-def first_non_finite(
-    model: Optional[nn.Module],
-    images: ImageList,
-    features: List[Tensor],
-    predictions: List[List[Tensor]],
-    gt_instances: List[Instances],
-    feature_names: List[str],
-) -> Tuple[str, Optional[int]]:
-    """
-    Where a non-finite value first appears in a training step, in the order of the computation:
-    the input images, their boxes, the model's parameters, the features, the head's outputs.
-
-    Returns:
-        (a description, the index of the image in the batch or None).
-    """
-    for i, (size, inst) in enumerate(zip(images.image_sizes, gt_instances)):
-        if not torch.isfinite(images.tensor[i, :, : size[0], : size[1]]).all():
-            return "the pixels of the input image (after normalisation)", i
-        if not torch.isfinite(inst.gt_boxes.tensor).all():
-            return "a ground-truth box", i
-    for name, param in model.named_parameters() if model is not None else ():
-        if not torch.isfinite(param).all():
-            return f"the parameter {name} (an earlier step diverged)", None
-    for level, feature in zip(feature_names, features):
-        for i in range(len(feature)):
-            if not torch.isfinite(feature[i]).all():
-                return f"the backbone's feature {level}, from finite inputs and weights", i
-    for kind, per_level in zip(("logits", "boxes_init", "boxes_refine"), predictions):
-        for level, x in zip(feature_names, per_level):
-            for i in range(len(x)):
-                if not torch.isfinite(x[i]).all():
-                    return f"the head's {kind} at {level}, from finite features", i
-    return "the losses, from finite inputs, features and predictions (an overflow)", None
-
-
-def check_inputs_are_finite(images: ImageList, gt_instances: List[Instances]) -> None:
-    """
-    Raise a :class:`NonFiniteLossError` on every worker when the images or ground-truth boxes of
-    any worker are not finite, before they reach the sample assignment and the losses.
-    """
-    bad_workers = non_finite_workers([images.tensor] + [x.gt_boxes.tensor for x in gt_instances])
-    if bad_workers:
-        where, image = first_non_finite(None, images, [], [], gt_instances, [])
-        what = f"The input of iteration {get_event_storage().iter}"
-        _raise_non_finite(bad_workers, what, where, image)
-
-
-def check_losses_are_finite(losses: Dict[str, Tensor], locate) -> None:
-    """
-    Raise a :class:`NonFiniteLossError` on every worker when the losses of any worker are not
-    finite: it names the losses, the iteration and, on the worker whose batch it is, where the
-    value first appeared (`locate()` -> (description, image index)).
-    """
-    bad_workers = non_finite_workers(list(losses.values()))
-    if not bad_workers:
-        return
-    values = {k: v.detach() for k, v in losses.items()}
-    bad = [k for k, v in values.items() if not torch.isfinite(v)] or list(values)
-    listing = ", ".join(f"{k} {float(v):.4g}" for k, v in values.items())
-    what = (
-        f"Loss {' and '.join(bad)} became {float(values[bad[0]])} at iteration "
-        f"{get_event_storage().iter} ({listing})"
-    )
-    where, image = locate() if comm.get_rank() in bad_workers else (None, None)
-    _raise_non_finite(bad_workers, what, where, image)
-
-
-def _raise_non_finite(
-    bad_workers: List[int], what: str, where: Optional[str], image: Optional[int]
-) -> None:
-    """The NonFiniteLossError of this worker: where the value appeared, or which worker had it."""
-    iteration = get_event_storage().iter
-    advice = (
-        "Training diverged (lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS, or set "
-        "SOLVER.CLIP_GRADIENTS.ENABLED True), or a batch holds a non-finite input; --resume "
-        "continues from the last checkpoint."
-    )
-    if comm.get_rank() not in bad_workers:
-        raise NonFiniteLossError(
-            f"The batch of worker(s) {bad_workers} became non-finite at iteration {iteration}; "
-            f"this worker's is finite. {advice}"
-        )
-    raise NonFiniteLossError(
-        f"{what}: it first appears in {where}"
-        + ("" if image is None else f" of image {image} of the batch")
-        + f". {advice}",
-        image,
-    )
-
-
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 
 
-def test_soft_nms(cfg) -> Optional[Dict[str, Any]]:
+def soft_nms_arguments(cfg) -> Optional[Dict[str, Any]]:
     """The arguments of `batched_soft_nms` of MODEL.VFNET.TEST_NMS_TYPE "soft_nms", else None."""
     v = cfg.MODEL.VFNET
     if v.TEST_NMS_TYPE == "nms":
@@ -183,7 +66,7 @@ def class_wise_nms(
 ) -> Tuple[Tensor, Tensor]:
     """
     The class-wise NMS of inference and the top `max_detections`: Detectron2's `batched_nms`,
-    or `batched_soft_nms` with the arguments `soft_nms` (see :func:`test_soft_nms`).
+    or `batched_soft_nms` with the arguments `soft_nms` (see :func:`soft_nms_arguments`).
 
     Args:
         boxes: (R, 4) XYXY; scores, classes: (R,).
@@ -200,7 +83,7 @@ def class_wise_nms(
     return keep, kept_scores.to(scores.dtype)
 
 
-def test_autocast_dtype(cfg) -> Optional[torch.dtype]:
+def inference_autocast_dtype(cfg) -> Optional[torch.dtype]:
     """The dtype of TEST.AMP (inference under autocast), or None when it is off."""
     if not cfg.TEST.AMP.ENABLED:
         return None
@@ -341,11 +224,11 @@ class VFNet(DenseDetector):
             "test_score_thresh": v.TEST_SCORE_THRESH,
             "test_topk_candidates": v.TEST_TOPK_CANDIDATES,
             "test_nms_thresh": v.TEST_NMS_THRESH,
-            "test_soft_nms": test_soft_nms(cfg),
+            "test_soft_nms": soft_nms_arguments(cfg),
             "max_detections_per_image": v.TEST_DETECTIONS_PER_IMAGE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "test_autocast_dtype": test_autocast_dtype(cfg),
+            "test_autocast_dtype": inference_autocast_dtype(cfg),
         }
 
     def _inference_autocast(self):
@@ -356,36 +239,39 @@ class VFNet(DenseDetector):
         return nullcontext()
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
-        """Detectron2's DenseDetector.forward; a non-finite loss names the image at fault."""
-        try:
-            with self._inference_autocast():
-                return super().forward(batched_inputs)
-        except NonFiniteLossError as e:
-            if e.image is None:
-                raise
-            record = batched_inputs[e.image]
-            raise NonFiniteLossError(
-                f"{e} The image: '{record.get('file_name', '(no file name)')}' (image id "
-                f"{record.get('image_id')}).",
-                e.image,
-            ) from None
+        """Detectron2's DenseDetector.forward, in inference under TEST.AMP's autocast."""
+        with self._inference_autocast():
+            return super().forward(batched_inputs)
 
     def forward_training(self, images, features, predictions, gt_instances):
         logits, boxes_init, boxes_refine = predictions
         logits, boxes_init, boxes_refine = self._transpose_dense_predictions(
             [logits, boxes_init, boxes_refine], [self.num_classes, 4, 4]
         )
-        check_inputs_are_finite(images, gt_instances)
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances, images.image_sizes)
         losses = self.losses(anchors, logits, boxes_init, boxes_refine, gt_labels, gt_boxes)
-        check_losses_are_finite(
-            losses,
-            lambda: first_non_finite(
-                self, images, features, predictions, gt_instances, self.head_in_features
-            ),
+        # A non-finite ground-truth box would be assigned no location by ATSS and vanish from
+        # the losses: it makes them non-finite instead, for the trainer's check of the losses to
+        # report (vfnet/engine/train_loop.py), without a host synchronisation here.
+        poison = sum((x.gt_boxes.tensor - x.gt_boxes.tensor).sum() for x in gt_instances)
+        return {k: v + poison for k, v in losses.items()}
+
+    @torch.no_grad()
+    def locate_non_finite(self, batched_inputs: List[Dict[str, Tensor]]) -> Tuple[str, Optional[int]]:
+        """
+        Where a non-finite value first appears in the training step of `batched_inputs` (the
+        inputs, the parameters, the features, the head's outputs): what the trainer reports
+        once a loss is not finite (see :func:`first_non_finite`).
+        """
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        predictions = self.head(features)
+        return first_non_finite(
+            self, images, features, predictions, gt_instances, self.head_in_features
         )
-        return losses
 
     @torch.no_grad()
     def label_anchors(
@@ -444,10 +330,13 @@ class VFNet(DenseDetector):
 
         def box_loss(distances: List[Tensor], weight: float):
             pred_boxes = distances_to_boxes(points, cat(distances, dim=1)[pos_mask])
-            if torch.isfinite(pred_boxes).all():
-                loss_sum, ious = iou_weighted_giou_loss(pred_boxes, target_boxes)
-            else:  # fvcore's giou_loss asserts on them; check_losses_are_finite reports it
-                loss_sum, ious = pred_boxes.sum(), torch.zeros_like(pred_boxes[:, 0])
+            # fvcore's giou_loss asserts on non-finite boxes: they are replaced by their targets,
+            # and the loss made non-finite for the trainer's check (no host synchronisation).
+            finite = torch.isfinite(pred_boxes).all(dim=1, keepdim=True)
+            loss_sum, ious = iou_weighted_giou_loss(
+                torch.where(finite, pred_boxes, target_boxes), target_boxes
+            )
+            loss_sum = loss_sum + (pred_boxes - pred_boxes).sum()  # 0, or NaN
             return weight * loss_sum / max(mean_over_workers(ious.sum()), 1.0), ious
 
         losses = {}

@@ -25,9 +25,9 @@ import torch
 from detectron2.layers import DeformConv, ModulatedDeformConv
 from detectron2.utils.events import EventStorage
 
-from ..layers.deform_conv import DeformConv2d, deform_conv2d_by_gather
-from ..modeling.backbone.resnet_fpn import AnyDeviceDeformConv, AnyDeviceModulatedDeformConv
-from ..modeling.meta_arch.vfnet import NonFiniteLossError
+from vfnet.layers.deform_conv import DeformConv2d, deform_conv2d_by_gather
+from vfnet.modeling.backbone.resnet_fpn import AnyDeviceDeformConv, AnyDeviceModulatedDeformConv
+from vfnet.engine.train_loop import NonFiniteLossError
 from . import benchmark
 from .benchmark import autocast, build, machine, measure_inference, measure_training, random_instances, sync, table
 

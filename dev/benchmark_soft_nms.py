@@ -15,7 +15,7 @@ import time
 import torch
 from torchvision.ops import batched_nms
 
-from ..layers.soft_nms import batched_soft_nms, soft_nms
+from vfnet.layers.soft_nms import batched_soft_nms, soft_nms
 
 # VFNet-X's test_cfg: nms=dict(type='soft_nms', iou_threshold=0.65), MMCV's defaults otherwise.
 IOU_THRESHOLD = 0.65

@@ -86,7 +86,7 @@ def finetune_recipe(config_file: str) -> Dict[str, object]:
     """
     from detectron2.config import get_cfg
 
-    from ..config import add_vfnet_config
+    from vfnet.config import add_vfnet_config
 
     cfg = get_cfg()
     add_vfnet_config(cfg)

@@ -6,7 +6,7 @@ import time
 import torch
 from torchvision.ops import deform_conv2d
 
-from ..layers.deform_conv import deform_conv2d_by_gather, deform_conv2d_by_sampling
+from vfnet.layers.deform_conv import deform_conv2d_by_gather, deform_conv2d_by_sampling
 
 SHAPES = [(1, 256, 100, 152), (1, 256, 50, 76), (2, 256, 64, 96), (8, 128, 20, 24)]
 # P3 and P4 of an 800x1216 image; P3 of a training batch of 2 at 512x768; the shapes demo

@@ -1,5 +1,5 @@
 """Parity of converted checkpoints with MMDetection's VarifocalNet, for tools/mmdet_parity.py and
-tests/test_mmdet_parity.py; its functions import MMDetection, mmengine, mmcv and Detectron2."""
+the parity tests; its functions import MMDetection, mmengine, mmcv and Detectron2."""
 import contextlib
 import importlib.util
 import json
@@ -12,11 +12,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .converter import convert_checkpoint_file
+from vfnet.checkpoint.converter import convert_checkpoint_file
 
-# The repository root (four levels above this folder), for configs/mmdet/*.yaml.
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
-# ../shared/datasets/raccoon beside the project root
+from . import REPO
+
+# ../shared/datasets/raccoon beside the checkout
 DEFAULT_IMAGE = os.path.join(
     os.path.dirname(REPO), "shared", "datasets", "raccoon", "images", "raccoon-1.jpg"
 )
@@ -282,7 +282,7 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
 def d2_cfg(config_file: str, num_classes: int, head: str = "VFNET"):
     from detectron2.config import get_cfg
 
-    from ..config import add_vfnet_config
+    from vfnet.config import add_vfnet_config
 
     cfg = get_cfg()
     add_vfnet_config(cfg)
@@ -479,7 +479,7 @@ class Report:
         return "\n".join(lines)
 
 
-def match_detections(d2_boxes, d2_scores, d2_labels, mm_boxes, mm_scores, mm_labels):
+def pair_detections(d2_boxes, d2_scores, d2_labels, mm_boxes, mm_scores, mm_labels):
     """
     Pair the two detection lists one to one: each Detectron2 detection (by decreasing score)
     takes the unused MMDetection detection of the same class with the nearest box (max
@@ -664,7 +664,7 @@ def compare_detections(report, model, mm, img: np.ndarray, det_scale, clip_resiz
         report.facts[f"detections {tag} (d2, mmdet)"] = (len(d2r), len(mmr))
         if len(d2r) != len(mmr):
             continue
-        (b1, s1, l1), (b2, s2, l2) = match_detections(
+        (b1, s1, l1), (b2, s2, l2) = pair_detections(
             d2r.pred_boxes.tensor, d2r.scores, d2r.pred_classes, mmr.bboxes, mmr.scores, mmr.labels
         )
         report.add("detections", f"boxes ({tag} image, px)", b1, b2)
@@ -792,7 +792,7 @@ def postprocess_edge_case_report(num_classes: int = 3) -> Report:
     mm = head.predict_by_feat(logits, distances, batch_img_metas=[meta], rescale=True)[0]
     report.facts["detections (d2, mmdet)"] = (len(d2), len(mm))
     if len(d2) == len(mm):
-        (b1, s1, l1), (b2, s2, l2) = match_detections(
+        (b1, s1, l1), (b2, s2, l2) = pair_detections(
             d2.pred_boxes.tensor, d2.scores, d2.pred_classes, mm.bboxes, mm.scores, mm.labels
         )
         report.add("postprocess", "boxes (px)", b1, b2)
@@ -841,7 +841,7 @@ def end_to_end_report(
     from mmengine.dataset import Compose
     from PIL import Image
 
-    from ..data.mapper import VFNetDatasetMapper
+    from vfnet.data.mapper import VFNetDatasetMapper
 
     install_mmcv_ops_standins()
     facts: Dict[str, object] = {}

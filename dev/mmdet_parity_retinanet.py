@@ -24,7 +24,7 @@ from .mmdet_parity import (
     read_rgb,
     training_batch,
 )
-from .retinanet_converter import convert_retinanet_checkpoint_file
+from vfnet.checkpoint.retinanet_converter import convert_retinanet_checkpoint_file
 
 MMDET_CONFIG = os.path.join("retinanet", "retinanet_r50_fpn_1x_coco.py")
 D2_CONFIG = "configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml"

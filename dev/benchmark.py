@@ -19,12 +19,12 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from ..config import add_vfnet_config
-from ..data.datasets import register_coco_dataset
-from ..data.mapper import VFNetDatasetMapper
+from vfnet.config import add_vfnet_config
+from vfnet.data.datasets import register_coco_dataset
+from vfnet.data.mapper import VFNetDatasetMapper
 
-# In the repository's configs/ (the package is installed in development mode from projects/VFNet/).
-CONFIGS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "configs"))
+from . import CONFIGS
+
 VFNET_CONFIG = os.path.join(CONFIGS, "VFNet_R_50_FPN_1x.yaml")
 # The VFNets that --models can name, by their config ("VFNet" is the R-50 one).
 VFNET_CONFIGS = {

@@ -1,0 +1,160 @@
+"""
+vfnet/engine/train_loop.py: the check of the losses costs what Detectron2's own trainer's costs
+when everything is finite (one collective, one host read per loss, no search for the culprit),
+records the same metrics, stops with the image's name when a loss is not finite; importing
+vfnet changes nothing in Detectron2.
+"""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
+
+from detectron2.engine import train_loop as d2_train_loop  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from vfnet.engine.train_loop import AMPTrainer, NonFiniteLossError, SimpleTrainer  # noqa: E402
+
+
+class Toy(nn.Module):
+    """Two losses of one weight over the batch's "x"; records the calls of locate_non_finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.5))
+        self.located = []
+
+    def forward(self, batch):
+        x = torch.stack([b["x"] for b in batch])
+        return {"loss_a": (self.w * x).pow(2).mean(), "loss_b": (self.w * x).abs().mean()}
+
+    def locate_non_finite(self, batch):
+        self.located.append(batch)
+        image = next(i for i, b in enumerate(batch) if not torch.isfinite(b["x"]).all())
+        return "the pixels of the input image (after normalisation)", image
+
+
+def batches(n, bad=None):
+    """`n` batches of two images; image 1 of batch `bad` holds a NaN."""
+    out = []
+    for step in range(n):
+        batch = []
+        for i in range(2):
+            x = torch.arange(4.0) + step + i
+            if step == bad and i == 1:
+                x[2] = float("nan")
+            batch.append({"x": x, "file_name": f"img_{step}_{i}.jpg", "image_id": 10 * step + i})
+        out.append(batch)
+    return out
+
+
+def run(trainer_class, data, monkeypatch, iters):
+    """Train `iters` steps; returns (trainer, model, {collective: calls}, Tensor.item calls)."""
+    counts = {"gather": 0, "all_gather": 0, "item": 0}
+    for name in ("gather", "all_gather"):
+        original = getattr(comm, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(comm, name, counted)
+    item = torch.Tensor.item
+
+    def counted_item(self):
+        counts["item"] += 1
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+    torch.manual_seed(0)
+    model = Toy()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = trainer_class(model, data, optimizer)
+    try:
+        trainer.train(0, iters)
+    finally:
+        monkeypatch.undo()
+    return trainer, model, counts
+
+
+def test_finite_steps_cost_what_detectron2s_cost_and_record_the_same_metrics(monkeypatch):
+    data = batches(4)
+    d2, d2_model, d2_counts = run(d2_train_loop.SimpleTrainer, data, monkeypatch, 4)
+    ours, model, counts = run(SimpleTrainer, data, monkeypatch, 4)
+    # Detectron2: one gather per step; here one all_gather instead; the same host reads.
+    assert d2_counts == {"gather": 4, "all_gather": 0, "item": 8}
+    assert counts == {"gather": 0, "all_gather": 4, "item": 8}
+    assert model.located == []
+    assert torch.equal(model.w, d2_model.w)
+    for key in ("total_loss", "loss_a", "loss_b"):
+        theirs = [v for v, _ in d2.storage.history(key).values()]
+        mine = [v for v, _ in ours.storage.history(key).values()]
+        assert mine == theirs and len(mine) == 4
+    # The metric is the sum of the losses, computed here from the losses themselves.
+    x = torch.stack([torch.arange(4.0), torch.arange(4.0) + 1])  # batch 0
+    assert math.isclose(ours.storage.history("total_loss").values()[0][0],
+                        ((0.5 * x) ** 2).mean().item() + (0.5 * x).abs().mean().item(), rel_tol=1e-6)
+    assert {"data_time", "rank_data_time"} <= set(ours.storage.histories())
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="Detectron2's AMPTrainer needs CUDA")
+
+
+@pytest.mark.parametrize("trainer_class", [SimpleTrainer, pytest.param(AMPTrainer, marks=CUDA)])
+def test_a_non_finite_loss_names_the_step_the_image_and_its_file(trainer_class, monkeypatch):
+    data = batches(4, bad=2)
+    with pytest.raises(NonFiniteLossError) as info:
+        run(trainer_class, data, monkeypatch, 4)
+    message = str(info.value)
+    assert "iteration 2" in message and "img_2_1.jpg" in message and "image id 21" in message
+    assert "the pixels of the input image" in message and info.value.image == 1
+
+
+def test_a_worker_with_finite_losses_names_the_others():
+    from vfnet.engine.train_loop import non_finite_error
+
+    losses = [{"loss_a": 1.0}, {"loss_a": float("inf")}]
+    error = non_finite_error(losses, rank=0, iteration=5, batch=None, model=None)
+    assert "worker(s) [1]" in str(error) and "iteration 5" in str(error) and error.image is None
+    error = non_finite_error(losses, rank=1, iteration=5, batch=None, model=None)
+    assert "loss_a became inf at iteration 5" in str(error)
+
+
+CHILD = r"""
+import importlib, json, sys, types
+import detectron2
+names = json.loads(sys.argv[1])
+mods = [importlib.import_module(n) for n in names]
+def snapshot():
+    out = {}
+    for m in mods:
+        for k, v in vars(m).items():
+            out[f"{m.__name__}.{k}"] = id(v)
+            if isinstance(v, type) and v.__module__ == m.__name__:
+                for a, w in vars(v).items():
+                    out[f"{m.__name__}.{k}.{a}"] = id(w)
+    return out
+before = snapshot()
+import vfnet, vfnet.engine, vfnet.export
+after = snapshot()
+print(json.dumps(sorted(k for k in before if after.get(k) != before[k])))
+"""
+
+
+def test_importing_vfnet_changes_nothing_in_detectron2():
+    listed = subprocess.run(
+        [sys.executable, "-c", "import sys, json, vfnet, vfnet.engine, vfnet.export; print(json.dumps(sorted("
+         "n for n in sys.modules if n.startswith('detectron2') and sys.modules[n] is not None)))"],
+        capture_output=True, text=True, check=True, cwd="/",
+    )
+    names = json.loads(listed.stdout.splitlines()[-1])
+    assert "detectron2.engine.defaults" in names and "detectron2.engine.train_loop" in names
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(names)],
+                          capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []
