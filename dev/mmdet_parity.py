@@ -222,6 +222,26 @@ PREDICTION_CONV_STDS = {
 CLASSIFIERS = ("vfnet_cls", "retina_cls")
 
 
+def perturb_and_record(model: torch.nn.Module, seed: int, report: "Report") -> None:
+    """:func:`perturb_` `model`, recording in `report` the tensors it left at their default."""
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    perturb_(model, seed)
+    unchanged = [k for k, v in model.state_dict().items() if torch.equal(v, fresh[k])]
+    report.facts["mmdet tensors left at their default"] = unchanged or "none"
+
+
+def record_loading(model: torch.nn.Module, incompatible, converted, report: "Report", shapes: bool = True) -> None:
+    """Record in `report` what loading `converted` into `model` left out, and what differs."""
+    report.facts["load: missing/unexpected" + ("/shape" if shapes else "")] = (
+        list(incompatible.missing_keys),
+        list(incompatible.unexpected_keys),
+    ) + ((list(incompatible.incorrect_shapes),) if shapes else ())
+    sd = model.state_dict()
+    report.facts["d2 tensors not equal to the converted ones"] = [
+        k for k in sd if not torch.equal(sd[k], converted[k])
+    ] or "none"
+
+
 @torch.no_grad()
 def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
     """
@@ -526,20 +546,9 @@ def run_parity(
         if workdir is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory())
         mm, _ = build_mmdet_model(variant, num_classes)
-        fresh = {k: v.clone() for k, v in mm.state_dict().items()}
-        perturb_(mm, seed)
-        unchanged = [k for k, v in mm.state_dict().items() if torch.equal(v, fresh[k])]
-        report.facts["mmdet tensors left at their default"] = unchanged or "none"
+        perturb_and_record(mm, seed, report)
         model, cfg, incompatible, converted = convert_and_load(mm, variant, num_classes, workdir)
-        report.facts["load: missing/unexpected/shape"] = (
-            list(incompatible.missing_keys),
-            list(incompatible.unexpected_keys),
-            list(incompatible.incorrect_shapes),
-        )
-        sd = model.state_dict()
-        report.facts["d2 tensors not equal to the converted ones"] = [
-            k for k in sd if not torch.equal(sd[k], converted[k])
-        ] or "none"
+        record_loading(model, incompatible, converted, report)
 
         # ------------------------------------------------ features and head outputs
         batch = training_batch(image_path, num_classes=num_classes)

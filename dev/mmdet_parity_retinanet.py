@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from vfnet.checkpoint.retinanet_converter import convert_retinanet_checkpoint_file
+
 from .mmdet_parity import (
     DEFAULT_IMAGE,
     REPO,
@@ -20,11 +22,11 @@ from .mmdet_parity import (
     compare_detections,
     d2_cfg,
     install_mmcv_ops_standins,
-    perturb_,
+    perturb_and_record,
+    record_loading,
     read_rgb,
     training_batch,
 )
-from vfnet.checkpoint.retinanet_converter import convert_retinanet_checkpoint_file
 
 MMDET_CONFIG = os.path.join("retinanet", "retinanet_r50_fpn_1x_coco.py")
 D2_CONFIG = "configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml"
@@ -73,9 +75,7 @@ def mmdet_anchor_order(d2_cell: torch.Tensor, mm_base: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def run_retinanet_parity(
-    num_classes: int = 3,
-    seed: int = 0,
-    image_path: Optional[str] = DEFAULT_IMAGE,
+    num_classes: int = 3, seed: int = 0, image_path: Optional[str] = DEFAULT_IMAGE,
     det_scale: Tuple[int, int] = (448, 256),
 ) -> Report:
     report = Report()
@@ -83,19 +83,9 @@ def run_retinanet_parity(
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory())
         mm = build_mmdet_retinanet(num_classes)
-        fresh = {k: v.clone() for k, v in mm.state_dict().items()}
-        perturb_(mm, seed)
-        unchanged = [k for k, v in mm.state_dict().items() if torch.equal(v, fresh[k])]
-        report.facts["mmdet tensors left at their default"] = unchanged or "none"
+        perturb_and_record(mm, seed, report)
         model, incompatible, converted = convert_and_load(mm, num_classes, workdir)
-    report.facts["load: missing/unexpected"] = (
-        list(incompatible.missing_keys),
-        list(incompatible.unexpected_keys),
-    )
-    sd = model.state_dict()
-    report.facts["d2 tensors not equal to the converted ones"] = [
-        k for k in sd if not torch.equal(sd[k], converted[k])
-    ] or "none"
+    record_loading(model, incompatible, converted, report, shapes=False)
 
     # ------------------------------------------------ anchors, features and head outputs
     x = model.preprocess_image(training_batch(image_path, num_classes=num_classes)).tensor

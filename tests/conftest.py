@@ -10,7 +10,7 @@ skipping what a declared dependency runs. The MMDetection parity environment's p
 mmengine, mmcv) are required only where VFNET_REQUIRE names them (comma-separated, for example
 VFNET_REQUIRE=mmdet,mmengine for the parity run of .ci/run), as is every module it names.
 
-The parity tests (test_mmdet_parity*.py) belong to that environment: where MMDetection does not
+The parity tests (tests/parity/test_mmdet_parity*.py) belong to that environment: where MMDetection does not
 import, `pytest tests` does not collect them, and its header says where they run.
 """
 
@@ -75,7 +75,7 @@ def pytest_ignore_collect(collection_path, config):
 def pytest_report_header(config):
     if not _parity_environment():
         return (
-            f"vfnet: the MMDetection parity tests (tests/{PARITY_TESTS}) run in the parity "
+            f"vfnet: the MMDetection parity tests (tests/parity/{PARITY_TESTS}) run in the parity "
             "environment, not this one (no mmdet): bash tools/install.sh --parity-env "
             f".venv-mmdet, then .venv-mmdet/bin/python -m pytest tests/{PARITY_TESTS} -q"
         )

@@ -213,3 +213,119 @@ def d2_to_mmdet(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, tor
         else:
             raise ConversionError(f"No inverse rule for Detectron2 key '{key}'.")
     return out
+
+
+def load_config(name, *opts):
+    """configs/`name` with the overrides `opts` (needs Detectron2)."""
+    from detectron2.config import get_cfg
+
+    import vfnet
+
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", name))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+# A batch of two images for the checks of non-finite values (the second one made non-finite).
+def training_batch(nan_pixels=False, nan_box=False):
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(2)
+    batch = []
+    for i in range(2):
+        image = torch.rand(3, 64, 96, generator=g) * 255
+        boxes = torch.tensor([[8.0, 8, 60, 50], [30, 20, 90, 60]])
+        if i == 1 and nan_pixels:
+            image[:, 10:20, 30:40] = float("nan")
+        if i == 1 and nan_box:
+            boxes[1, 2] = float("nan")
+        instances = Instances((64, 96), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([0, 2]))
+        batch.append({"image": image, "instances": instances, "file_name": f"img{i}.png", "image_id": 10 + i})
+    return batch
+
+
+# The exported model against the eager one.
+def spread_scores(model):
+    """Random-init scores are all ~prior_prob: spread them over (0, 1) and move the DCNv2 offsets."""
+    from vfnet.modeling.vfnet_head import ModulatedDeformConvBlock
+
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.head.cls_score.weight, std=0.2)
+    torch.nn.init.zeros_(model.head.cls_score.bias)
+    for m in model.modules():
+        if isinstance(m, ModulatedDeformConvBlock):
+            torch.nn.init.normal_(m.conv_offset.weight, std=0.01)
+    return model
+
+
+def eager_predictions(model, image_bgr, min_size=128, max_size=192):
+    """What DefaultPredictor returns: the detections in the original image's coordinates."""
+    h, w = image_bgr.shape[:2]
+    from vfnet.export import resize_for_test
+
+    x = resize_for_test(image_bgr, min_size, max_size)
+    with torch.no_grad():
+        return model([{"image": x, "height": h, "width": w}])[0]["instances"]
+
+
+def assert_same_detections(eager, exported):
+    assert eager.image_size == exported.image_size
+    assert len(eager) == len(exported) > 0
+    assert torch.equal(eager.pred_classes, exported.pred_classes)
+    torch.testing.assert_close(exported.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=0, atol=1e-3)
+    torch.testing.assert_close(exported.scores, eager.scores, rtol=0, atol=1e-4)
+
+
+# Detectron2's deformable-conv CUDA kernel on the CPU: what it asserts, computed by torchvision.
+from torchvision.ops import deform_conv2d  # noqa: E402
+
+
+def check_kernel_inputs(x, offset, mask, weight, bias):
+    """What Detectron2's deform_conv_cuda.cu asserts, or reads through raw NCHW pointers."""
+    assert x.dim() == 4, "4D input expected"
+    assert weight.is_contiguous(), "weight tensor has to be contiguous"  # shape_check
+    # Modulated: TORCH_CHECK(input.is_contiguous()). Both: offset[b] and mask[b] read through
+    # data_ptr, the gradients written as NCHW into zeros_like(input), zeros_like(offset).
+    assert x.is_contiguous(), "input tensor has to be contiguous (its gradient is written as NCHW)"
+    assert offset.is_contiguous(), "offset read (and its gradient written) as NCHW"
+    assert mask is None or mask.is_contiguous(), "mask read (and its gradient written) as NCHW"
+    for name, t in (("offset", offset), ("mask", mask), ("weight", weight), ("bias", bias)):
+        if t is not None:  # data_ptr<scalar_t> of the input's scalar type, addmm_
+            assert t.dtype == x.dtype, f"{name} is {t.dtype}, input {x.dtype}"
+            assert t.device == x.device, f"{name} on {t.device}, input on {x.device}"
+
+
+class StandInKernel(torch.autograd.Function):
+    """Detectron2's (modulated) deformable CUDA kernel, checked, computed by torchvision."""
+
+    @staticmethod
+    def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation):
+        check_kernel_inputs(x, offset, mask, weight, bias)
+        ctx.save_for_backward(x, offset, mask, weight, bias)
+        ctx.conv = (stride, padding, dilation)
+        with torch.autocast(x.device.type, enabled=False):  # the kernel ignores autocast
+            return deform_conv2d(x, offset, weight, bias, *ctx.conv, mask=mask)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x = ctx.saved_tensors[0]
+        assert grad_output.dtype == x.dtype, "grad_output meets the input's dtype in addmm_"
+        tensors = [None if t is None else t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            x, offset, mask, weight, bias = tensors
+            out = deform_conv2d(x, offset, weight, bias, *ctx.conv, mask=mask)
+        given = [t for t in tensors if t is not None]
+        grads = iter(torch.autograd.grad(out, given, grad_output))
+        return tuple(None if t is None else next(grads) for t in tensors) + (None,) * 3
+
+
+def stand_in_deform_conv(x, offset, weight, stride=1, padding=0, dilation=1, groups=1, deformable_groups=1, im2col_step=64):
+    assert groups == 1 and deformable_groups == 1
+    return StandInKernel.apply(x, offset, None, weight, None, stride, padding, dilation)
+
+
+def stand_in_modulated_deform_conv(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, deformable_groups=1):
+    assert groups == 1 and deformable_groups == 1
+    return StandInKernel.apply(x, offset, mask, weight, bias, stride, padding, dilation)

@@ -1,5 +1,5 @@
 """
-Every third-party module that the package, tools/, demo/, configs/ and the tests import is
+Every third-party module that the package, the lab (dev/), tools/, demo/, configs/ and the tests import is
 declared: by setup.py (install_requires or an extra) for the main environment, as Detectron2 (the
 prerequisite tools/install.sh builds: it is on no package registry), or as one of the MMDetection
 parity environment's packages (tools/install.sh --parity-env). An undeclared one passes on a
@@ -14,7 +14,7 @@ import sys
 
 from helpers import ROOT
 
-SOURCES = ["projects/VFNet/vfnet", "tools", "demo", "tests", "configs"]
+SOURCES = ["projects/VFNet/vfnet", "dev", "tools", "demo", "tests", "configs"]
 # Modules of the parity environment (tools/install.sh PARITY_PACKAGES), by distribution.
 PARITY = {"mmdet": "mmdet", "mmengine": "mmengine", "mmcv": "mmcv-lite"}
 # The prerequisite that tools/install.sh builds from source.
@@ -49,7 +49,7 @@ def imported_modules(path):
 def local_names():
     """Modules of this repository: the package, and the files and folders beside the sources
     (the tests' helpers, the demo's predictor, tests importing each other)."""
-    names = {"vfnet"}
+    names = {"vfnet", "dev"}
     for path in python_files():
         names.add(os.path.splitext(os.path.basename(path))[0])
         names.add(os.path.basename(os.path.dirname(path)))

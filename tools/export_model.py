@@ -3,7 +3,7 @@
 Export a trained VFNet to TorchScript or ONNX with Detectron2's tracing (`TracingAdapter`, the
 "tracing" method of Detectron2's tools/deploy/export_model.py). The exported graph takes one
 resized image and returns its final detections (post-processing and NMS included); see
-`vfnet/export.py` for the interface.
+`vfnet/export/` for the interface.
 
     python tools/export_model.py --config-file configs/VFNet_R_50_FPN_1x.yaml \
         --format onnx --output exported/ MODEL.WEIGHTS output/model_final.pth

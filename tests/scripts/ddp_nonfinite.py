@@ -19,7 +19,7 @@ from detectron2.utils import comm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import small_cfg  # noqa: E402
-from test_numerics import training_batch  # noqa: E402
+from helpers import training_batch  # noqa: E402
 
 from vfnet.engine.train_loop import SimpleTrainer  # noqa: E402
 

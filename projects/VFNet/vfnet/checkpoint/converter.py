@@ -27,8 +27,8 @@ official VarifocalNet release, which use the same names):
 
 Checkpoint files (what tools/convert_mmdet_to_d2.py runs): :func:`convert_checkpoint_file` reads
 an MMDetection checkpoint with the safe loader (:func:`load_checkpoint`), converts it, optionally
-checks it against a config's model (:func:`check_against_model`) and writes it atomically
-(:func:`save_atomic`).
+checks it against a config's model (:func:`refuse_misfit`) and writes it atomically
+(:func:`save_converted`).
 
 This module imports only torch (no Detectron2, no MMDetection); :func:`check_against_model`
 imports Detectron2 when it is called.
@@ -36,12 +36,13 @@ imports Detectron2 when it is called.
 
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ..utils.file_io import atomic_write
 
 __all__ = [
     "ConversionError",
@@ -57,7 +58,10 @@ __all__ = [
     "extract_state_dict",
     "is_res2net",
     "load_checkpoint",
-    "save_atomic",
+    "conversion_summary",
+    "read_mmdet_checkpoint",
+    "refuse_misfit",
+    "save_converted",
 ]
 
 # A checkpoint without this key has no VFNet head.
@@ -641,47 +645,13 @@ def check_against_model(
     return problems
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file next to `path`, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def convert_checkpoint_file(
-    src: str,
-    dst: str,
-    config_file: str = "",
-    opts=(),
-    allow_unsafe: bool = False,
-    imagenet: bool = False,
-) -> str:
+def read_mmdet_checkpoint(src: str, dst: str, allow_unsafe: bool = False):
     """
-    Convert the MMDetection checkpoint file `src` (with `imagenet`: an ImageNet backbone,
-    :func:`convert_imagenet_backbone`, checked against the config's ``backbone.bottom_up`` only)
-    and write
-    ``{"model": state_dict, "__author__": "mmdetection", "matching_heuristics": False}`` to
-    `dst` (atomically: a failure leaves no partial file). With `config_file` (and the config
-    overrides `opts`) every key and shape is first checked against that config's model
-    (:func:`check_against_model`, needs Detectron2); all problems are reported at once and
-    nothing is written.
-
-    Returns:
-        the summary tools/convert_mmdet_to_d2.py prints (lines: source, tensor counts,
-        architecture, check, output).
+    The checkpoint file `src` to convert into `dst`, read with the safe loader (see
+    :func:`load_checkpoint`), and its state dict.
 
     Raises:
-        ConversionError: `src` is missing, is `dst`, cannot be loaded safely (see
-            :func:`load_checkpoint`) or converted, does not fit the config, or `opts` are given
-            without `config_file`.
+        ConversionError: `src` is missing, is `dst`, or cannot be loaded safely.
     """
     if not os.path.isfile(src):
         raise ConversionError(f"no such file: {src}")
@@ -689,33 +659,44 @@ def convert_checkpoint_file(
         raise ConversionError("the output would overwrite the input.")
     checkpoint = load_checkpoint(src, allow_unsafe)
     try:
-        state_dict = extract_state_dict(checkpoint)
-        if imagenet:
-            converted, report = convert_imagenet_backbone(state_dict)
-            state_dict = {f"backbone.{k}": v for k, v in state_dict.items()}
-        else:
-            converted, report = convert_mmdet_to_d2(state_dict)
+        return checkpoint, extract_state_dict(checkpoint)
     except ConversionError as e:
         raise ConversionError(f"{src}: {e}") from None
+
+
+def refuse_misfit(converted: Mapping[str, Tensor], config_file: str, opts=(), prefix: str = "", model_init=None):
+    """
+    Raise a ConversionError listing every problem of `converted` against the model of
+    `config_file` (:func:`check_against_model`), or for config overrides `opts` without a
+    config; nothing when `config_file` is empty.
+    """
+    if not config_file:
+        if opts:
+            raise ConversionError("config overrides need --config-file.")
+        return
+    problems = check_against_model(converted, config_file, opts, prefix, model_init)
+    if problems:
+        lines = "\n  ".join(problems)
+        raise ConversionError(
+            f"the converted checkpoint does not fit {config_file} "
+            f"({len(problems)} problem(s)); nothing written:\n  {lines}"
+        )
+
+
+def save_converted(state_dict: Mapping[str, Tensor], path: str) -> None:
+    """
+    Write the converted `state_dict` to `path` as the Detectron2 checkpoint
+    ``{"model": state_dict, "__author__": "mmdetection", "matching_heuristics": False}`` (loaded
+    by exact names), atomically: a failure leaves no partial file.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    checkpoint = {"model": state_dict, "__author__": "mmdetection", "matching_heuristics": False}
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def conversion_summary(src: str, dst: str, checkpoint, state_dict, converted, report, imagenet: bool, config_file: str) -> str:
+    """The lines tools/convert_mmdet_to_d2.py prints: source, tensor counts, architecture, check, output."""
     info = describe_mmdet_state_dict(state_dict)
-
-    if config_file:
-        prefix = "backbone.bottom_up." if imagenet else ""
-        # An ImageNet backbone for a DCN config: the offset convs start from the model's init.
-        model_init = BACKBONE_OFFSET_CONV if imagenet else None
-        problems = check_against_model(converted, config_file, opts, prefix, model_init)
-        if problems:
-            lines = "\n  ".join(problems)
-            raise ConversionError(
-                f"the converted checkpoint does not fit {config_file} "
-                f"({len(problems)} problem(s)); nothing written:\n  {lines}"
-            )
-    elif opts:
-        raise ConversionError("config overrides need --config-file.")
-
-    save_atomic(
-        {"model": converted, "__author__": "mmdetection", "matching_heuristics": False}, dst
-    )
     meta = checkpoint.get("meta", {}) if isinstance(checkpoint, dict) else {}
     version = meta.get("mmdet_version") if isinstance(meta, dict) else None
     counters = [k for k in report["dropped"] if k.endswith("num_batches_tracked")]
@@ -749,3 +730,45 @@ def convert_checkpoint_file(
         summary.append(f"  checked against {config_file}: every key and shape matches")
     summary.append(f"  wrote {dst}")
     return "\n".join(summary)
+
+
+def convert_checkpoint_file(
+    src: str,
+    dst: str,
+    config_file: str = "",
+    opts=(),
+    allow_unsafe: bool = False,
+    imagenet: bool = False,
+) -> str:
+    """
+    Convert the MMDetection checkpoint file `src` (with `imagenet`: an ImageNet backbone,
+    :func:`convert_imagenet_backbone`, checked against the config's ``backbone.bottom_up`` only)
+    and write it to `dst` (:func:`save_converted`). With `config_file` (and the config
+    overrides `opts`) every key and shape is first checked against that config's model
+    (:func:`refuse_misfit`, needs Detectron2); all problems are reported at once and nothing is
+    written.
+
+    Returns:
+        the summary tools/convert_mmdet_to_d2.py prints (:func:`conversion_summary`).
+
+    Raises:
+        ConversionError: `src` is missing, is `dst`, cannot be loaded safely (see
+            :func:`load_checkpoint`) or converted, does not fit the config, or `opts` are given
+            without `config_file`.
+    """
+    checkpoint, state_dict = read_mmdet_checkpoint(src, dst, allow_unsafe)
+    try:
+        if imagenet:
+            converted, report = convert_imagenet_backbone(state_dict)
+            state_dict = {f"backbone.{k}": v for k, v in state_dict.items()}
+        else:
+            converted, report = convert_mmdet_to_d2(state_dict)
+    except ConversionError as e:
+        raise ConversionError(f"{src}: {e}") from None
+    # An ImageNet backbone for a DCN config: the offset convs start from the model's init.
+    if imagenet:
+        refuse_misfit(converted, config_file, opts, "backbone.bottom_up.", BACKBONE_OFFSET_CONV)
+    else:
+        refuse_misfit(converted, config_file, opts)
+    save_converted(converted, dst)
+    return conversion_summary(src, dst, checkpoint, state_dict, converted, report, imagenet, config_file)

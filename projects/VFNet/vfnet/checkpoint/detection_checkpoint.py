@@ -3,49 +3,20 @@ Checkpoints that a run killed while saving cannot leave half-written under a nam
 `--resume` or `--eval-only` reads, and loading that names the file at fault.
 """
 
-import errno
 import os
-import shutil
-from typing import Callable, IO
 from urllib.parse import urlparse
+
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["CheckpointError", "VFNetCheckpointer", "atomic_write", "load_for_evaluation"]
+from ..utils.file_io import atomic_write
+
+__all__ = ["CheckpointError", "VFNetCheckpointer", "load_for_evaluation"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """
-    Call `write` on a binary file that becomes `path` only once complete: it is written to
-    `path + ".tmp"` in the same directory, flushed to disk, then renamed (atomically on POSIX).
-    """
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            folder = os.path.dirname(os.path.abspath(path))
-            free = shutil.disk_usage(folder).free
-            raise OSError(
-                e.errno,
-                f"Cannot write '{path}': no space left on its disk (or quota) after "
-                f"{written / 2**20:.1f} MiB; {free / 2**20:.1f} MiB are free in '{folder}'. "
-                f"'{path}' and the files written before are as they were (the partial file is "
-                "removed). Free space, or give another OUTPUT_DIR, then go on with --resume.",
-            ) from e
-        raise
 
 
 class VFNetCheckpointer(DetectionCheckpointer):

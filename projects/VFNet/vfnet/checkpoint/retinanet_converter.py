@@ -20,7 +20,6 @@ RetinaNet FPN (``add_extra_convs='on_input'``) computes P6 from C5, as Detectron
 Pure torch (no Detectron2, no MMDetection); the file-level function checks against a config's
 model with Detectron2 when asked.
 """
-import os
 import re
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Tuple
@@ -32,10 +31,9 @@ from .converter import (
     DROP,
     RULES,
     ConversionError,
-    check_against_model,
-    extract_state_dict,
-    load_checkpoint,
-    save_atomic,
+    read_mmdet_checkpoint,
+    refuse_misfit,
+    save_converted,
 )
 
 __all__ = [
@@ -160,28 +158,13 @@ def convert_retinanet_checkpoint_file(
     `vfnet.checkpoint.converter.convert_checkpoint_file` for a RetinaNet: convert `src`, check
     it against `config_file`'s model when given, write `dst` atomically. Returns the summary.
     """
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise ConversionError("the output would overwrite the input.")
-    if not os.path.isfile(src):
-        raise ConversionError(f"no such file: {src}")
+    _, state_dict = read_mmdet_checkpoint(src, dst, allow_unsafe)
     try:
-        converted, report = convert_retinanet_mmdet_to_d2(
-            extract_state_dict(load_checkpoint(src, allow_unsafe))
-        )
+        converted, report = convert_retinanet_mmdet_to_d2(state_dict)
     except ConversionError as e:
         raise ConversionError(f"{src}: {e}") from None
-    if config_file:
-        problems = check_against_model(converted, config_file, opts)
-        if problems:
-            raise ConversionError(
-                f"the converted checkpoint does not fit {config_file} ({len(problems)} "
-                "problem(s)); nothing written:\n  " + "\n  ".join(problems)
-            )
-    elif opts:
-        raise ConversionError("config overrides need --config-file.")
-    save_atomic(
-        {"model": converted, "__author__": "mmdetection", "matching_heuristics": False}, dst
-    )
+    refuse_misfit(converted, config_file, opts)
+    save_converted(converted, dst)
     lines = [
         src,
         f"  RetinaNet: {len(converted)} tensors ({len(report['dropped'])} num_batches_tracked "

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
@@ -162,6 +162,35 @@ def register_coco_dataset(
     Returns:
         the dataset name.
     """
+    name, json_file, image_root = parse_dataset_spec(spec)
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if meta.get("source_json_file") == json_file and meta.get("image_root") == image_root:
+            return name
+        raise ValueError(
+            f"--dataset '{spec}': a different dataset named '{name}' is already registered."
+        )
+    coco, cleaned = load_clean_coco(name, json_file, drop_unknown_images=drop_unreadable_images)
+    num_source_images = len(coco["images"])
+    if drop_image_ids is not None:
+        drop_image_ids = set(drop_image_ids)
+        dropped = [img for img in coco["images"] if img["id"] in drop_image_ids]
+        coco = leave_out_images(coco, name, json_file, dropped)
+    elif check_files or drop_unreadable_images:
+        coco, dropped = drop_unreadable(
+            coco, name, json_file, image_root, load_truncated_images, drop_unreadable_images
+        )
+    else:
+        dropped = []
+    # The evaluator reads the ground truth from the metadata's json_file: the cleaned copy, without
+    # the dropped images, whose boxes would otherwise count as missed.
+    registered_json = _write_temporary_json(coco, name) if cleaned or dropped else json_file
+    _register(name, coco, registered_json, json_file, image_root, num_source_images, dropped)
+    return name
+
+
+def parse_dataset_spec(spec: str) -> Tuple[str, str, str]:
+    """(name, json file, image folder) of a "NAME=JSON:IMAGE_DIR" string whose files exist."""
     name, sep, paths = spec.partition("=")
     json_file, sep2, image_root = paths.partition(":")
     if not (sep and sep2 and name and json_file and image_root):
@@ -170,17 +199,17 @@ def register_coco_dataset(
         raise FileNotFoundError(f"--dataset '{spec}': annotation file '{json_file}' does not exist.")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"--dataset '{spec}': image directory '{image_root}' does not exist.")
-    if name in DatasetCatalog.list():
-        meta = MetadataCatalog.get(name)
-        if meta.get("source_json_file") == json_file and meta.get("image_root") == image_root:
-            return name
-        raise ValueError(
-            f"--dataset '{spec}': a different dataset named '{name}' is already registered."
-        )
+    return name, json_file, image_root
 
+
+def load_clean_coco(name: str, json_file: str, drop_unknown_images: bool) -> Tuple[dict, bool]:
+    """
+    The COCO dict of `json_file`, checked and cleaned (:func:`clean_coco_dict`, logged), and
+    whether cleaning changed it. Refuses a JSON without images; warns of one without annotations.
+    """
     coco = load_coco_dict(json_file)
     total = len(coco.get("annotations", []))
-    coco, actions = clean_coco_dict(coco, json_file, drop_unknown_images=drop_unreadable_images)
+    coco, actions = clean_coco_dict(coco, json_file, drop_unknown_images=drop_unknown_images)
     if not coco["images"]:
         raise DatasetError(f"Dataset '{name}' ('{json_file}') has no images: its 'images' list is empty.")
     _report_cleaning(name, json_file, actions, total)
@@ -189,43 +218,54 @@ def register_coco_dataset(
             f"Dataset '{name}' ('{json_file}') has no annotations: it cannot be trained on, "
             "and its AP is undefined (NaN); the model's predictions on it are still written."
         )
-    num_source_images = len(coco["images"])
-    dropped, num_truncated = [], 0
-    if drop_image_ids is not None:
-        drop_image_ids = set(drop_image_ids)
-        dropped = [img for img in coco["images"] if img["id"] in drop_image_ids]
-    elif check_files or drop_unreadable_images:
-        found = check_image_files(
-            coco["images"],
-            image_root,
-            name,
-            load_truncated=load_truncated_images,
-            drop_unreadable=drop_unreadable_images,
-        )
-        dropped = [img for img, _ in found]
-        num_truncated = sum(check.truncated is not None for _, check in found)
-    if dropped:
-        _report_dropped_images(name, json_file, coco, dropped, num_truncated)
-        coco = _drop_images(coco, [img["id"] for img in dropped])
-        if not coco["images"]:
-            raise DatasetError(
-                f"Dataset '{name}' ('{json_file}'): none of its {num_source_images} image files "
-                "can be read: there is no image left."
-            )
+    return coco, bool(actions)
 
+
+def drop_unreadable(
+    coco: dict, name: str, json_file: str, image_root: str, load_truncated: bool, drop: bool
+) -> Tuple[dict, List[dict]]:
+    """
+    Check the image files of `coco` (:func:`check_image_files`: a bad one raises unless `drop`);
+    returns `coco` without the images left out (:func:`leave_out_images`), and those images.
+    """
+    found = check_image_files(
+        coco["images"], image_root, name, load_truncated=load_truncated, drop_unreadable=drop
+    )
+    dropped = [img for img, _ in found]
+    num_truncated = sum(check.truncated is not None for _, check in found)
+    return leave_out_images(coco, name, json_file, dropped, num_truncated), dropped
+
+
+def leave_out_images(coco: dict, name: str, json_file: str, dropped: List[dict], num_truncated: int = 0) -> dict:
+    """`coco` without the images `dropped` and their annotations, logged; refuses an empty one."""
+    if not dropped:
+        return coco
+    _report_dropped_images(name, json_file, coco, dropped, num_truncated)
+    num_images = len(coco["images"])
+    coco = _drop_images(coco, [img["id"] for img in dropped])
+    if not coco["images"]:
+        raise DatasetError(
+            f"Dataset '{name}' ('{json_file}'): none of its {num_images} image files "
+            "can be read: there is no image left."
+        )
+    return coco
+
+
+def _register(name, coco, registered_json, json_file, image_root, num_source_images, dropped) -> None:
+    """
+    Detectron2's register_coco_instances of `registered_json`, with the annotations' "area"
+    loaded too (MMDetection's training-set filter reads it: DATALOADER.TRAIN_FILTER "mmdet"),
+    and the metadata that `load_coco_json` sets, known now for the checks of the number of
+    classes, with the source JSON and the images dropped.
+    """
     categories = sorted(coco["categories"], key=lambda c: c["id"])
-    # The evaluator reads the ground truth from the metadata's json_file: the cleaned copy, without
-    # the dropped images, whose boxes would otherwise count as missed.
-    # Detectron2's register_coco_instances, with the annotations' "area" loaded too (MMDetection's
-    # training-set filter reads it: DATALOADER.TRAIN_FILTER "mmdet").
-    registered_json = _write_temporary_json(coco, name) if actions or dropped else json_file
     DatasetCatalog.register(
         name, lambda: load_coco_json(registered_json, image_root, name, extra_annotation_keys=["area"])
     )
-    MetadataCatalog.get(name).set(json_file=registered_json, image_root=image_root, evaluator_type="coco")
-    # What `load_coco_json` sets when it loads the dataset, known now for the checks of the
-    # number of classes.
     MetadataCatalog.get(name).set(
+        json_file=registered_json,
+        image_root=image_root,
+        evaluator_type="coco",
         source_json_file=json_file,
         thing_classes=[c["name"] for c in categories],
         thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
@@ -233,4 +273,3 @@ def register_coco_dataset(
         dropped_images=[img["file_name"] for img in dropped],
         dropped_image_ids=[img["id"] for img in dropped],
     )
-    return name

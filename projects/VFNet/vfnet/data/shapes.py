@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..utils.file_io import atomic_write
+
 __all__ = [
     "SHAPE_CLASSES",
     "draw_scene",
@@ -300,18 +302,6 @@ def _dataset_info(split, num_images, seed, image_size, scene_kwargs):
     return json.loads(json.dumps(info))
 
 
-def _write_json_atomic(obj, path):
-    """Writes ``obj`` as deterministic JSON to ``path`` through a temporary file and os.replace."""
-    tmp_path = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp_path, "w") as f:
-            json.dump(obj, f, sort_keys=True, separators=(",", ":"))
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-
-
 def generate_split(out_dir, split, num_images, seed, image_size=DEFAULT_IMAGE_SIZE, **scene_kwargs):
     """
     Generates ``num_images`` images into ``out_dir/<split>/%06d.png`` and their COCO annotations
@@ -363,7 +353,8 @@ def generate_split(out_dir, split, num_images, seed, image_size=DEFAULT_IMAGE_SI
         "annotations": annotations,
         "categories": categories,
     }
-    _write_json_atomic(coco, json_path)
+    text = json.dumps(coco, sort_keys=True, separators=(",", ":")).encode()
+    atomic_write(json_path, lambda f: f.write(text), shared=True)  # DDP workers may generate it too
     return json_path
 
 

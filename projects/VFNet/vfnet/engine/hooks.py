@@ -17,7 +17,7 @@ from detectron2.engine import HookBase
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 
-from ..checkpoint.detection_checkpoint import atomic_write
+from ..utils.file_io import atomic_write
 
 __all__ = ["Pictures", "StochasticWeightAveraging"]
 

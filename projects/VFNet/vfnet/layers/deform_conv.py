@@ -101,13 +101,8 @@ def bilinear_corners(py: Tensor, px: Tensor, height: int, width: int) -> Tuple[T
 
 
 def deform_conv2d_by_gather(
-    x: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    padding: int = 1,
-    mask: Optional[Tensor] = None,
-    chunk_bytes: int = 8 * 2**20,
+    x: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, padding: int = 1,
+    mask: Optional[Tensor] = None, chunk_bytes: int = 8 * 2**20,
 ) -> Tensor:
     """
     Deformable convolution (stride 1, dilation 1, one offset group) as a weighted gather of

@@ -189,13 +189,8 @@ def _soft_nms_by_class(
 
 
 def soft_nms(
-    boxes: Tensor,
-    scores: Tensor,
-    iou_threshold: float,
-    sigma: float = 0.5,
-    min_score: float = 1e-3,
-    method: str = "linear",
-    max_num: int = -1,
+    boxes: Tensor, scores: Tensor, iou_threshold: float, sigma: float = 0.5, min_score: float = 1e-3,
+    method: str = "linear", max_num: int = -1,
 ) -> Tuple[Tensor, Tensor]:
     """
     Soft-NMS of one set of boxes: MMCV's `soft_nms(boxes, scores, iou_threshold, sigma,

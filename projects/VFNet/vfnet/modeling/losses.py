@@ -16,12 +16,17 @@ from .box_coding import aligned_iou
 CLS_LOSS_TYPES = ("focal", "varifocal", "quality_focal")
 
 
+def check_cls_loss_type(cls_loss_type: str, keys: str) -> str:
+    """`cls_loss_type` if it is one of CLS_LOSS_TYPES, else a ValueError naming the config `keys`."""
+    if cls_loss_type not in CLS_LOSS_TYPES:
+        raise ValueError(
+            f"Unknown classification loss '{cls_loss_type}' ({keys}): expected one of {CLS_LOSS_TYPES}."
+        )
+    return cls_loss_type
+
+
 def varifocal_loss(
-    logits: Tensor,
-    targets: Tensor,
-    alpha: float = 0.75,
-    gamma: float = 2.0,
-    iou_weighted: bool = True,
+    logits: Tensor, targets: Tensor, alpha: float = 0.75, gamma: float = 2.0, iou_weighted: bool = True,
     reduction: str = "sum",
 ) -> Tensor:
     """

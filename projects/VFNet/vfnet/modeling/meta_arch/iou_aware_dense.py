@@ -18,7 +18,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes
 
 from ..box_coding import aligned_iou
-from ..losses import CLS_LOSS_TYPES, quality_focal_loss, varifocal_loss
+from ..losses import check_cls_loss_type, quality_focal_loss, varifocal_loss
 
 __all__ = ["IoUAwareRetinaNet", "IoUAwareFCOS", "iou_aware_targets"]
 
@@ -51,12 +51,9 @@ class _IoUAwareClassification:
     """
 
     def _init_cls_loss(self, cls_loss_type, vfl_alpha, vfl_gamma, vfl_iou_weighted, qfl_beta):
-        if cls_loss_type not in CLS_LOSS_TYPES:
-            raise ValueError(
-                f"Unknown classification loss '{cls_loss_type}' (MODEL.RETINANET.CLS_LOSS_TYPE "
-                f"or the lazy config's model.cls_loss_type): expected one of {CLS_LOSS_TYPES}."
-            )
-        self.cls_loss_type = cls_loss_type
+        self.cls_loss_type = check_cls_loss_type(
+            cls_loss_type, "MODEL.RETINANET.CLS_LOSS_TYPE or the lazy config's model.cls_loss_type"
+        )
         self.vfl_alpha = vfl_alpha
         self.vfl_gamma = vfl_gamma
         self.vfl_iou_weighted = vfl_iou_weighted
@@ -163,14 +160,8 @@ class IoUAwareFCOS(_IoUAwareClassification, FCOS):
     """
 
     def __init__(
-        self,
-        *,
-        cls_loss_type: str = "varifocal",
-        vfl_alpha: float = 0.75,
-        vfl_gamma: float = 2.0,
-        vfl_iou_weighted: bool = True,
-        qfl_beta: float = 2.0,
-        **kwargs,
+        self, *, cls_loss_type: str = "varifocal", vfl_alpha: float = 0.75, vfl_gamma: float = 2.0,
+        vfl_iou_weighted: bool = True, qfl_beta: float = 2.0, **kwargs,
     ):
         """Arguments as :class:`IoUAwareRetinaNet`, and :class:`FCOS`'s."""
         super().__init__(**kwargs)

@@ -24,7 +24,7 @@ from detectron2.utils.events import get_event_storage
 from ...layers.soft_nms import batched_soft_nms
 from ..atss import ATSSMatcher
 from ..box_coding import distances_to_boxes
-from ..losses import CLS_LOSS_TYPES, iou_weighted_giou_loss, quality_focal_loss, varifocal_loss
+from ..losses import check_cls_loss_type, iou_weighted_giou_loss, quality_focal_loss, varifocal_loss
 from ..vfnet_head import VFNetHead
 from .non_finite import first_non_finite
 
@@ -165,12 +165,7 @@ class VFNet(DenseDetector):
         # Decodes distances (l, t, r, b) from the anchor centers, i.e. from the locations.
         self.box2box_transform = Box2BoxTransformLinear(normalize_by_size=False)
 
-        if cls_loss_type not in CLS_LOSS_TYPES:
-            raise ValueError(
-                f"Unknown classification loss '{cls_loss_type}' (MODEL.VFNET.CLS_LOSS_TYPE): "
-                f"expected one of {CLS_LOSS_TYPES}."
-            )
-        self.cls_loss_type = cls_loss_type
+        self.cls_loss_type = check_cls_loss_type(cls_loss_type, "MODEL.VFNET.CLS_LOSS_TYPE")
         self.vfl_alpha = vfl_alpha
         self.vfl_gamma = vfl_gamma
         self.iou_weighted = iou_weighted

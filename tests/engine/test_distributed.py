@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 
 
 def test_one_sgd_step_on_two_workers_equals_one_process(tmp_path):

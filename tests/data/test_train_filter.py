@@ -56,7 +56,7 @@ def test_the_configs_train_loader_reads_the_filter(tmp_path):
 
     import vfnet
     from vfnet.data.build import _train_loader_from_config
-    from test_vfnetx_configs import load
+    from helpers import load_config as load
 
     images = [{"id": i, "file_name": f"{i}.png", "height": 40, "width": 50} for i in (1, 2)]
     for im in images:

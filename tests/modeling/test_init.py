@@ -29,7 +29,7 @@ from vfnet.modeling.backbone.pafpnx import PAFPNX
 from vfnet.modeling.vfnet_head import ModulatedDeformConvBlock, VFNetHead
 
 from helpers import BASE_CONFIG
-from test_vfnetx_configs import load
+from helpers import load_config as load
 
 P_MIN = 1e-4  # a KS p-value below it rejects the distribution
 

@@ -1,25 +1,14 @@
 """The VFNet-X configs load, say the official recipe, build, and train a step on CPU."""
-import os
 
 import numpy as np
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
-import vfnet
 from vfnet.data.mapper import VFNetDatasetMapper
-from helpers import ROOT
-
-
-def load(name, *opts):
-    cfg = get_cfg()
-    vfnet.add_vfnet_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", name))
-    cfg.merge_from_list(list(opts))
-    return cfg
+from helpers import load_config as load
 
 
 def test_configs_follow_the_official_vfnetx():

@@ -31,7 +31,7 @@ from vfnet.data.shapes import generate_split  # noqa: E402
 from vfnet.modeling.meta_arch import IoUAwareFCOS, IoUAwareRetinaNet  # noqa: E402
 from vfnet.modeling.meta_arch.iou_aware_dense import iou_aware_targets  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 LN2 = math.log(2.0)
 
 

@@ -28,7 +28,7 @@ from vfnet.data.shapes import generate_split  # noqa: E402
 from vfnet.layers.soft_nms import batched_soft_nms  # noqa: E402
 
 from helpers import ROOT  # noqa: E402
-from test_export import assert_same_detections, eager_predictions, spread_scores  # noqa: E402
+from helpers import assert_same_detections, eager_predictions, spread_scores  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "VFNetX_R2_101_DCN_PAFPNX_MS_2x.yaml")
 TINY_X = [

@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from torchvision.ops import deform_conv2d
 
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
@@ -26,7 +25,7 @@ from vfnet.layers import DeformConv2d  # noqa: E402
 from vfnet.modeling.backbone import resnet_fpn  # noqa: E402
 from vfnet.modeling.vfnet_head import VFNetHead, feature_memory_format  # noqa: E402
 
-from helpers import ROOT, SMALL  # noqa: E402
+from helpers import ROOT, SMALL, stand_in_deform_conv, stand_in_modulated_deform_conv  # noqa: E402
 
 DCN_CONFIG = os.path.join(ROOT, "configs", "VFNet_R_101_DCN_FPN_MS_2x.yaml")
 # R-50 (Detectron2's R-18 has no DCN blocks) of width 8 x 1, 32-channel FPN and head.
@@ -37,55 +36,6 @@ SHRINK = [
     "MODEL.FPN.OUT_CHANNELS", "32",
     "MODEL.VFNET.DEFORM_CONV_IMPL", "detectron2",
 ]  # fmt: skip
-
-
-def check_kernel_inputs(x, offset, mask, weight, bias):
-    """What Detectron2's deform_conv_cuda.cu asserts, or reads through raw NCHW pointers."""
-    assert x.dim() == 4, "4D input expected"
-    assert weight.is_contiguous(), "weight tensor has to be contiguous"  # shape_check
-    # Modulated: TORCH_CHECK(input.is_contiguous()). Both: offset[b] and mask[b] read through
-    # data_ptr, the gradients written as NCHW into zeros_like(input), zeros_like(offset).
-    assert x.is_contiguous(), "input tensor has to be contiguous (its gradient is written as NCHW)"
-    assert offset.is_contiguous(), "offset read (and its gradient written) as NCHW"
-    assert mask is None or mask.is_contiguous(), "mask read (and its gradient written) as NCHW"
-    for name, t in (("offset", offset), ("mask", mask), ("weight", weight), ("bias", bias)):
-        if t is not None:  # data_ptr<scalar_t> of the input's scalar type, addmm_
-            assert t.dtype == x.dtype, f"{name} is {t.dtype}, input {x.dtype}"
-            assert t.device == x.device, f"{name} on {t.device}, input on {x.device}"
-
-
-class StandInKernel(torch.autograd.Function):
-    """Detectron2's (modulated) deformable CUDA kernel, checked, computed by torchvision."""
-
-    @staticmethod
-    def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation):
-        check_kernel_inputs(x, offset, mask, weight, bias)
-        ctx.save_for_backward(x, offset, mask, weight, bias)
-        ctx.conv = (stride, padding, dilation)
-        with torch.autocast(x.device.type, enabled=False):  # the kernel ignores autocast
-            return deform_conv2d(x, offset, weight, bias, *ctx.conv, mask=mask)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x = ctx.saved_tensors[0]
-        assert grad_output.dtype == x.dtype, "grad_output meets the input's dtype in addmm_"
-        tensors = [None if t is None else t.detach().requires_grad_() for t in ctx.saved_tensors]
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            x, offset, mask, weight, bias = tensors
-            out = deform_conv2d(x, offset, weight, bias, *ctx.conv, mask=mask)
-        given = [t for t in tensors if t is not None]
-        grads = iter(torch.autograd.grad(out, given, grad_output))
-        return tuple(None if t is None else next(grads) for t in tensors) + (None,) * 3
-
-
-def stand_in_deform_conv(x, offset, weight, stride=1, padding=0, dilation=1, groups=1, deformable_groups=1, im2col_step=64):
-    assert groups == 1 and deformable_groups == 1
-    return StandInKernel.apply(x, offset, None, weight, None, stride, padding, dilation)
-
-
-def stand_in_modulated_deform_conv(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, deformable_groups=1):
-    assert groups == 1 and deformable_groups == 1
-    return StandInKernel.apply(x, offset, mask, weight, bias, stride, padding, dilation)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -278,7 +278,7 @@ def test_res2net50_vfnet_exports(tmp_path, deform):
     """TorchScript (plain) and ONNX (DCN: DeformConv in res3-res5): the exported model's detections
     are the eager model's."""
     from vfnet import export as E
-    from test_export import assert_same_detections, eager_predictions, spread_scores
+    from helpers import assert_same_detections, eager_predictions, spread_scores
 
     opts = [*R2, "MODEL.VFNET.TEST_SCORE_THRESH", "0.6", "MODEL.VFNET.DEFORM_CONV_IMPL", "sampling",
             "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"]  # fmt: skip

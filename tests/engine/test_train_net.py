@@ -14,7 +14,7 @@ pytest.importorskip("detectron2", reason="Detectron2 is not installed (see READM
 
 from vfnet.data.shapes import generate_split  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 TINY = [
     "MODEL.RESNETS.DEPTH", "18",
     "MODEL.FPN.OUT_CHANNELS", "64",

@@ -24,7 +24,7 @@ from vfnet.data.shapes import generate_split  # noqa: E402
 from vfnet.engine import Trainer  # noqa: E402
 from vfnet.solver import build_lr_scheduler, build_optimizer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 LAZY = os.path.join(ROOT, "configs", "lazy")
 
 

@@ -27,7 +27,7 @@ from vfnet.checkpoint.converter import (
 
 from helpers import d2_to_mmdet
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT as REPO  # noqa: E402
 TOOL = os.path.join(REPO, "tools", "convert_mmdet_to_d2.py")
 CONFIGS = {
     "r2_101": "configs/mmdet/VFNet_R2_101_FPN_MS_2x.yaml",

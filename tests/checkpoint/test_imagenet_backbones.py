@@ -19,7 +19,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from helpers import ROOT
-from test_vfnetx_configs import load
+from helpers import load_config as load
 
 TOOL = os.path.join(ROOT, "tools", "convert_mmdet_to_d2.py")
 IMAGENET_MEAN = [123.675, 116.28, 103.53]  # torchvision's normalisation, in 0-255 RGB

@@ -9,7 +9,7 @@ pytest.importorskip("matplotlib", reason="matplotlib is not installed")
 
 from vfnet.utils.plot_metrics import metric_series, plot_metrics  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

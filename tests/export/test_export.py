@@ -20,11 +20,12 @@ from detectron2.modeling import build_model  # noqa: E402
 
 import vfnet  # noqa: E402
 from vfnet import export as E  # noqa: E402
+from vfnet.export.tracing import _quiet_tracing as quiet_tracing  # noqa: E402
 from vfnet.layers.deform_conv import DeformConv2d  # noqa: E402
-from vfnet.modeling.vfnet_head import ModulatedDeformConvBlock  # noqa: E402
 from vfnet.modeling.star_dcn import star_dcn_offsets  # noqa: E402
 
 from helpers import BASE_CONFIG, RACCOON_IMAGES, ROOT  # noqa: E402
+from helpers import assert_same_detections, eager_predictions, spread_scores  # noqa: E402
 from helpers import SMALL as SMALL_MODEL  # noqa: E402
 from helpers import small_cfg as small_model_cfg  # noqa: E402
 
@@ -49,17 +50,6 @@ def small_cfg(*opts):
     return small_model_cfg(*EXPORT_OPTS, *opts)
 
 
-def spread_scores(model):
-    """Random-init scores are all ~prior_prob: spread them over (0, 1) and move the DCNv2 offsets."""
-    torch.manual_seed(1)
-    torch.nn.init.normal_(model.head.cls_score.weight, std=0.2)
-    torch.nn.init.zeros_(model.head.cls_score.bias)
-    for m in model.modules():
-        if isinstance(m, ModulatedDeformConvBlock):
-            torch.nn.init.normal_(m.conv_offset.weight, std=0.01)
-    return model
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
@@ -73,22 +63,6 @@ def load_model(checkpoint, impl):
     model = build_model(small_cfg("MODEL.VFNET.DEFORM_CONV_IMPL", impl))
     DetectionCheckpointer(model).load(checkpoint)
     return model.eval()
-
-
-def eager_predictions(model, image_bgr):
-    """What DefaultPredictor returns: the detections in the original image's coordinates."""
-    h, w = image_bgr.shape[:2]
-    x = E.resize_for_test(image_bgr, MIN_SIZE, MAX_SIZE)
-    with torch.no_grad():
-        return model([{"image": x, "height": h, "width": w}])[0]["instances"]
-
-
-def assert_same_detections(eager, exported):
-    assert eager.image_size == exported.image_size
-    assert len(eager) == len(exported) > 0
-    assert torch.equal(eager.pred_classes, exported.pred_classes)
-    torch.testing.assert_close(exported.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=0, atol=1e-3)
-    torch.testing.assert_close(exported.scores, eager.scores, rtol=0, atol=1e-4)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -130,7 +104,7 @@ def test_torchvision_deform_conv_exports_to_onnx_deformconv(tmp_path, modulated)
     E.register_deform_conv_onnx_symbolic(19)
     path = str(tmp_path / "dcn.onnx")
     x, d = star_inputs()
-    with E._quiet_tracing():
+    with quiet_tracing():
         torch.onnx.export(
             module, (x, d), path, dynamo=False, opset_version=19, input_names=["x", "d"],
             dynamic_axes={"x": {2: "h", 3: "w"}, "d": {2: "h", 3: "w"}},
@@ -150,7 +124,7 @@ def test_sampling_deform_conv_exports_to_plain_onnx_ops(tmp_path):
     module = StarDeformConv("sampling", True).eval()
     path = str(tmp_path / "sampling.onnx")
     x, d = star_inputs()
-    with E._quiet_tracing():
+    with quiet_tracing():
         torch.onnx.export(module, (x, d), path, dynamo=False, opset_version=E.DEFAULT_ONNX_OPSET)
     ops = {n.op_type for n in onnx.load(path).graph.node}
     assert {"GridSample", "MatMul"} <= ops and "DeformConv" not in ops

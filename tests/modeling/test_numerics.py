@@ -14,7 +14,7 @@ from torchvision.ops import deform_conv2d
 
 from vfnet.layers import DeformConv2d
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, training_batch  # noqa: E402
 SCRIPTS = os.path.join(ROOT, "tests", "scripts")
 NEEDS_DETECTRON2 = "Detectron2 is not installed (see README: Install)"
 
@@ -118,23 +118,6 @@ def test_inference_on_non_finite_images_crashes_nothing_and_returns_only_valid_b
 
 
 # --- non-finite values in training ----------------------------------------------------------------
-
-
-def training_batch(nan_pixels=False, nan_box=False):
-    from detectron2.structures import Boxes, Instances
-
-    g = torch.Generator().manual_seed(2)
-    batch = []
-    for i in range(2):
-        image = torch.rand(3, 64, 96, generator=g) * 255
-        boxes = torch.tensor([[8.0, 8, 60, 50], [30, 20, 90, 60]])
-        if i == 1 and nan_pixels:
-            image[:, 10:20, 30:40] = float("nan")
-        if i == 1 and nan_box:
-            boxes[1, 2] = float("nan")
-        instances = Instances((64, 96), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([0, 2]))
-        batch.append({"image": image, "instances": instances, "file_name": f"img{i}.png", "image_id": 10 + i})
-    return batch
 
 
 @pytest.mark.skipif(not has_detectron2(), reason=NEEDS_DETECTRON2)

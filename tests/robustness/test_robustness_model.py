@@ -18,7 +18,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 import vfnet  # noqa: E402
 from vfnet.engine.train_loop import SimpleTrainer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 
 
 def small_model(*opts):

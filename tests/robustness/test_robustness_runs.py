@@ -34,7 +34,7 @@ from vfnet import engine  # noqa: E402
 from vfnet.engine import check_output_dir  # noqa: E402
 from vfnet.evaluation import VFNetCOCOEvaluator  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT  # noqa: E402
 
 from helpers import RACCOON_IMAGES, TINY, start_deterministic  # noqa: E402
 from helpers import finish as finish_run  # noqa: E402

@@ -1,0 +1,140 @@
+"""
+The installed package is only the detector: `pip install .` (not editable) gives a `vfnet`
+whose every module is reached from the product's own entry points (the detector, training,
+evaluation, conversion, export), which runs without the source checkout, and which holds none of
+the lab (dev/), the tools or the tests.
+"""
+import ast
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from helpers import ROOT
+
+pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
+
+# What a user's program imports: the registrations, the trainer, the converters, the exporter.
+ENTRY_POINTS = [
+    "vfnet",
+    "vfnet.engine",
+    "vfnet.engine.lazy",
+    "vfnet.export",
+    "vfnet.checkpoint.converter",
+    "vfnet.checkpoint.retinanet_converter",
+]
+
+# Imports every installed module, from outside the checkout, with the checkout off the path.
+CHILD = r"""
+import importlib, json, pkgutil, sys
+sys.path[:0] = json.loads(sys.argv[1])
+import vfnet
+every = ["vfnet"] + sorted(m.name for m in pkgutil.walk_packages(vfnet.__path__, "vfnet."))
+for name in every:
+    importlib.import_module(name)
+print(json.dumps({"file": vfnet.__file__, "every": every,
+                  "checkout_on_path": [p for p in sys.path if p.startswith(sys.argv[2])]}))
+"""
+
+
+def imported_by(path: str, module: str, is_package: bool) -> set:
+    """The vfnet modules that the source `path` of `module` imports, anywhere in it (also in functions)."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in found if m == "vfnet" or m.startswith("vfnet.")}
+
+
+def reached_from(entry_points, site) -> set:
+    """Every installed module that the entry points import, directly or through each other."""
+    def source(module):
+        base = os.path.join(site, *module.split("."))
+        if os.path.isfile(os.path.join(base, "__init__.py")):
+            return os.path.join(base, "__init__.py"), True
+        return (base + ".py", False) if os.path.isfile(base + ".py") else (None, False)
+
+    reached, todo = set(), list(entry_points)
+    while todo:
+        module = todo.pop()
+        path, is_package = source(module)
+        if path is None or module in reached:
+            continue
+        reached.add(module)
+        # A module's import runs its packages' __init__ too.
+        todo += [module.rsplit(".", k)[0] for k in range(1, module.count(".") + 1)]
+        todo += sorted(imported_by(path, module, is_package))
+    return reached
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), ROOT],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    (path,) = [p for p in out.iterdir() if p.suffix == ".whl"]
+    target = out / "site"
+    with zipfile.ZipFile(path) as z:
+        z.extractall(target)
+    return path, target
+
+
+def test_the_wheel_holds_the_package_only(wheel):
+    path, _ = wheel
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(path).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"vfnet"}
+
+
+def test_every_installed_module_is_reached_from_the_entry_points_without_the_checkout(wheel):
+    _, site = wheel
+    import site as site_module
+
+    # The environment's packages (torch, Detectron2) but not the editable install of this
+    # checkout: `-S` skips the .pth files that put projects/VFNet on the path.
+    paths = [str(site)] + [p for p in site_module.getsitepackages() if os.path.isdir(p)]
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", CHILD, json.dumps(paths), ROOT],
+        capture_output=True, text=True, cwd="/", timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["file"].startswith(str(site)) and result["checkout_on_path"] == []
+    assert sorted(set(result["every"]) - reached_from(ENTRY_POINTS, str(site))) == []
+
+
+def test_the_import_graph_sees_a_module_nobody_imports(tmp_path):
+    package = tmp_path / "vfnet"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("from .sub import used\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "used.py").write_text("def f():\n    from ..other import g\n")
+    (package / "other.py").write_text("")
+    (package / "orphan.py").write_text("")
+    reached = reached_from(["vfnet"], str(tmp_path))
+    assert reached == {"vfnet", "vfnet.sub", "vfnet.sub.used", "vfnet.other"}
+
+
+def test_no_installed_module_locates_files_relative_to_itself():
+    package = os.path.join(ROOT, "projects", "VFNet", "vfnet")
+    found = []
+    for folder, _, files in os.walk(package):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if isinstance(node, ast.Name) and node.id == "__file__":
+                        found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert found == []
