@@ -1,6 +1,6 @@
 """
 Parity of converted RetinaNet checkpoints (vfnet/checkpoint/retinanet_converter.py) with
-MMDetection 3.3's RetinaNet, for tests/test_mmdet_parity_retinanet.py: MMDetection's RetinaNet
+MMDetection 3.3's RetinaNet, for tests/parity/test_mmdet_parity_retinanet.py: MMDetection's RetinaNet
 of its configs/retinanet/retinanet_r50_fpn_1x_coco.py (the official RetinaNet + FL / + VFL
 architecture) with every tensor perturbed (`mmdet_parity.perturb_`), converted, loaded into
 Detectron2's RetinaNet of configs/mmdet/RetinaNet_VFL_R_50_FPN_1x.yaml, and compared: anchors,

@@ -49,6 +49,57 @@ def small_cfg(*opts):
     return cfg
 
 
+def tiny_shapes(root, num_train, num_val, seed=3, image_size=(64, 96)):
+    """A shapes dataset of `num_train` + `num_val` small images under `root` (train/val JSON and folders)."""
+    from vfnet.data.shapes import generate_split
+
+    for split, n in (("train", num_train), ("val", num_val)):
+        generate_split(str(root), split, n, seed=seed, image_size=image_size)
+    return root
+
+
+def dataset_specs(root, prefix):
+    """The --dataset NAME=JSON:IMAGE_DIR of the splits of :func:`tiny_shapes` under `root`: {split: spec}."""
+    return {split: f"{prefix}_{split}={root / f'{split}.json'}:{root / split}" for split in ("train", "val")}
+
+
+def train_net(root, output_dir, *args, threads=None, timeout=300):
+    """
+    Run tools/train_net.py on VFNet_Shapes_Demo.yaml with the tiny_train / tiny_val datasets of
+    :func:`tiny_shapes` under `root` and the arguments `args` (options and overrides), into
+    `output_dir`; asserts it succeeds (showing its output) and returns its output.
+    """
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, os.path.join(ROOT, "tools", "train_net.py"),
+        "--config-file", os.path.join(ROOT, "configs", "VFNet_Shapes_Demo.yaml"),
+        "--dataset", f"tiny_train={root / 'train.json'}:{root / 'train'}",
+        "--dataset", f"tiny_val={root / 'val.json'}:{root / 'val'}",
+        *args, "OUTPUT_DIR", str(output_dir),
+    ]  # fmt: skip
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def copypaste_metrics(log):
+    """The 'copypaste' AP line that Detectron2 prints after a COCO evaluation."""
+    lines = re.findall(r"copypaste: ([-0-9.,nan]+)$", log, flags=re.M)
+    assert lines, "no evaluation result in the log"
+    return lines[-1]
+
+
+def metrics(output_dir):
+    """The records of OUTPUT_DIR/metrics.json."""
+    import json
+
+    with open(output_dir / "metrics.json") as f:
+        return [json.loads(line) for line in f]
+
+
 DETERMINISTIC_TRAIN_NET = os.path.join(ROOT, "tests", "scripts", "deterministic_train_net.py")
 
 
@@ -70,6 +121,36 @@ def start_deterministic(log_path, kill, train_net_args):
 def finish(proc, log_path, returncode=0):
     """Wait for a run of :func:`start_deterministic`; assert its exit status (showing its log)."""
     assert proc.wait(timeout=600) == returncode, open(log_path).read()[-6000:]
+
+
+def random_d2_state_dict(config, num_classes=3, seed=0):
+    """(random values in the shapes of the state dict of the model of configs/`config`, its cfg)."""
+    import pytest
+
+    pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    import vfnet
+
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, config))
+    cfg.MODEL.VFNET.NUM_CLASSES = num_classes
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    g = torch.Generator().manual_seed(seed)
+    sd = build_model(cfg).state_dict()
+    return {k: torch.randn(v.shape, generator=g) for k, v in sd.items()}, cfg
+
+
+def mmdet_style(d2_sd):
+    """MMDetection-style state dict of `d2_sd`: inverse names, per-level scales, num_batches_tracked."""
+    mm = dict(d2_to_mmdet(d2_sd))
+    for k in list(mm):
+        if k.endswith(".running_var"):
+            mm[k[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(12345)
+    return mm
 
 
 # The converter's rules run backwards: Detectron2 names of this project's VFNet to MMDetection's.

@@ -27,6 +27,9 @@ ENTRY_POINTS = [
     "vfnet.checkpoint.retinanet_converter",
 ]
 
+# The checkout, and its folders of Python sources.
+SOURCE = [ROOT] + [os.path.join(ROOT, d) for d in ("projects", "dev", "tests", "tools", "demo")]
+
 # Imports every installed module, from outside the checkout, with the checkout off the path.
 CHILD = r"""
 import importlib, json, pkgutil, sys
@@ -35,8 +38,10 @@ import vfnet
 every = ["vfnet"] + sorted(m.name for m in pkgutil.walk_packages(vfnet.__path__, "vfnet."))
 for name in every:
     importlib.import_module(name)
+source = json.loads(sys.argv[2])  # the checkout and its source folders (a venv may lie inside it)
 print(json.dumps({"file": vfnet.__file__, "every": every,
-                  "checkout_on_path": [p for p in sys.path if p.startswith(sys.argv[2])]}))
+                  "checkout_on_path": [p for p in sys.path if p.rstrip("/") in source
+                                       or any(p.startswith(s + "/") for s in source[1:])]}))
 """
 
 
@@ -106,7 +111,7 @@ def test_every_installed_module_is_reached_from_the_entry_points_without_the_che
     # checkout: `-S` skips the .pth files that put projects/VFNet on the path.
     paths = [str(site)] + [p for p in site_module.getsitepackages() if os.path.isdir(p)]
     done = subprocess.run(
-        [sys.executable, "-S", "-c", CHILD, json.dumps(paths), ROOT],
+        [sys.executable, "-S", "-c", CHILD, json.dumps(paths), json.dumps(SOURCE)],
         capture_output=True, text=True, cwd="/", timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -272,5 +272,5 @@ fi
 say "Done"
 note "test: $PY -m pytest tests -q"
 if [[ -n "$PARITY_DIR" ]]; then
-    note "parity with MMDetection: $PARITY_DIR/bin/python -m pytest tests/test_mmdet_parity.py -q"
+    note "parity with MMDetection: $PARITY_DIR/bin/python -m pytest tests/parity -q"
 fi

@@ -6,7 +6,7 @@ lr_multiplier, train), for tools/lazyconfig_train_net.py:
 
     python tools/lazyconfig_train_net.py --config-file configs/lazy/vfnet_R_50_FPN_1x.py --num-gpus 8
 
-tests/test_lazy_config.py checks that it builds the YAML config's model (same parameters,
+tests/engine/test_lazy_config.py checks that it builds the YAML config's model (same parameters,
 buffers and outputs), optimizer groups and learning rates.
 """
 import torch

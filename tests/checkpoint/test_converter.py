@@ -16,18 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from vfnet.checkpoint.converter import (
-    ConversionError,
-    convert_checkpoint_file,
-    convert_key,
-    convert_mmdet_to_d2,
-    describe_mmdet_state_dict,
-    extract_state_dict,
-)
+from vfnet.checkpoint.converter import ConversionError, convert_checkpoint_file, convert_key, convert_mmdet_to_d2, describe_mmdet_state_dict, extract_state_dict  # noqa: E501
 
-from helpers import d2_to_mmdet
+from helpers import ROOT as REPO, mmdet_style as _mmdet_style, random_d2_state_dict as _d2_state_dict
 
-from helpers import ROOT as REPO  # noqa: E402
 TOOL = os.path.join(REPO, "tools", "convert_mmdet_to_d2.py")
 
 # MMDetection key -> Detectron2 key, written by hand from the two code bases.
@@ -95,29 +87,6 @@ def test_golden_keys():
 
 
 # --------------------------------------------------------------------------- fake checkpoints
-def _d2_state_dict(config, num_classes=3, seed=0):
-    pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
-    import vfnet
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    cfg = get_cfg()
-    vfnet.add_vfnet_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, config))
-    cfg.MODEL.VFNET.NUM_CLASSES = num_classes
-    cfg.MODEL.DEVICE = "cpu"
-    g = torch.Generator().manual_seed(seed)
-    sd = build_model(cfg).state_dict()
-    return {k: torch.randn(v.shape, generator=g) for k, v in sd.items()}, cfg
-
-
-def _mmdet_style(d2_sd):
-    """MMDetection-style state dict: inverse names, per-level scales, num_batches_tracked."""
-    mm = dict(d2_to_mmdet(d2_sd))
-    for k in list(mm):
-        if k.endswith(".running_var"):
-            mm[k[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(12345)
-    return mm
 
 
 CONFIGS = {

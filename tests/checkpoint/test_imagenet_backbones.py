@@ -4,7 +4,7 @@ converted by tools/convert_mmdet_to_d2.py --imagenet and loaded through MODEL.WE
 Detectron2 ResNet of the config computes torchvision's features (float64, 800x1333), the DCN
 config's too (its DCNv2 starts at zero offsets and modulation 1/2: the 3x3 conv at half weight,
 at stride 2 as the official one). A random torchvision ResNet with random BatchNorm statistics stands in for the download.
-The ResNeXt-101 of open-mmlab: tests/test_mmdet_parity_imagenet.py (MMDetection's ResNeXt).
+The ResNeXt-101 of open-mmlab: tests/parity/test_mmdet_parity_imagenet.py (MMDetection's ResNeXt).
 """
 import copy
 import os

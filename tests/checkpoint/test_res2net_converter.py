@@ -3,7 +3,7 @@ The converter's Res2Net rules (vfnet/checkpoint/converter.py: RES2NET_RULES, the
 d2_to_mmdet, convert_imagenet_backbone, tools/convert_mmdet_to_d2.py --imagenet). Runs without
 MMDetection: MMDetection-style state dicts are built from this project's R2-101 models with the
 inverse mapping; the key names are pinned by a hand-written table and by the key counts of
-MMDetection 3.3.0's own Res2Net VFNets (tests/test_mmdet_parity_res2net.py checks the inverse
+MMDetection 3.3.0's own Res2Net VFNets (tests/parity/test_mmdet_parity_res2net.py checks the inverse
 against them where MMDetection is installed).
 """
 
@@ -14,20 +14,10 @@ import sys
 import pytest
 import torch
 
-from vfnet.checkpoint.converter import (
-    RES2NET_RULES,
-    RULES,
-    ConversionError,
-    convert_checkpoint_file,
-    convert_imagenet_backbone,
-    convert_key,
-    convert_mmdet_to_d2,
-    describe_mmdet_state_dict,
-)
+from vfnet.checkpoint.converter import RES2NET_RULES, RULES, ConversionError, convert_checkpoint_file, convert_imagenet_backbone, convert_key, convert_mmdet_to_d2, describe_mmdet_state_dict  # noqa: E501
 
-from helpers import d2_to_mmdet
+from helpers import ROOT as REPO, mmdet_style as _mmdet_style, random_d2_state_dict as _d2_state_dict
 
-from helpers import ROOT as REPO  # noqa: E402
 TOOL = os.path.join(REPO, "tools", "convert_mmdet_to_d2.py")
 CONFIGS = {
     "r2_101": "configs/mmdet/VFNet_R2_101_FPN_MS_2x.yaml",
@@ -91,34 +81,11 @@ def test_golden_keys():
 
 
 # --------------------------------------------------------------------------- fake checkpoints
-def _d2_state_dict(config, num_classes=80, seed=0):
-    pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
-    import vfnet
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    cfg = get_cfg()
-    vfnet.add_vfnet_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, config))
-    cfg.MODEL.VFNET.NUM_CLASSES = num_classes
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    g = torch.Generator().manual_seed(seed)
-    sd = build_model(cfg).state_dict()
-    return {k: torch.randn(v.shape, generator=g) for k, v in sd.items()}, cfg
-
-
-def _mmdet_style(d2_sd):
-    mm = dict(d2_to_mmdet(d2_sd))
-    for k in list(mm):
-        if k.endswith(".running_var"):
-            mm[k[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(12345)
-    return mm
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def fake(request):
-    d2_sd, cfg = _d2_state_dict(CONFIGS[request.param])
+    d2_sd, cfg = _d2_state_dict(CONFIGS[request.param], num_classes=80)
     return request.param, d2_sd, _mmdet_style(d2_sd), cfg
 
 

@@ -1,7 +1,7 @@
 """
 DATALOADER.TRAIN_FILTER: MMDetection's training-set filter (vfnet/data/detection_utils.py) on
 hand-worked records, and the training loader of a config reading it. MMDetection's own
-CocoDataset on a file of the same cases: tests/test_mmdet_parity_filter.py.
+CocoDataset on a file of the same cases: tests/parity/test_mmdet_parity_filter.py.
 """
 import pytest
 

@@ -84,7 +84,7 @@ def test_kernel_check_logic_on_the_cpu_branch_of_the_backbone_layers(modulated, 
 
 @pytest.mark.parametrize("precision", ["fp32", "amp"])
 def test_kernel_check_logic_on_the_head_layer_through_kernel_stand_ins(precision, monkeypatch):
-    # The head's DeformConv2d on Detectron2's kernel, here the stand-ins of tests/test_cuda_path.py
+    # The head's DeformConv2d on Detectron2's kernel, here the stand-ins of tests/layers/test_cuda_path.py
     # (which assert the kernel's input requirements), with channels-last inputs.
     import detectron2.layers.deform_conv as d2_deform_conv
     from helpers import stand_in_deform_conv, stand_in_modulated_deform_conv

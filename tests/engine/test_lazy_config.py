@@ -4,7 +4,6 @@ tools/lazyconfig_train_net.py end to end on a tiny dataset.
 """
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -20,11 +19,10 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import vfnet  # noqa: E402
-from vfnet.data.shapes import generate_split  # noqa: E402
 from vfnet.engine import Trainer  # noqa: E402
 from vfnet.solver import build_lr_scheduler, build_optimizer  # noqa: E402
 
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, copypaste_metrics, dataset_specs, metrics, tiny_shapes  # noqa: E402
 LAZY = os.path.join(ROOT, "configs", "lazy")
 
 
@@ -156,10 +154,7 @@ def test_shapes_demo_yaml_and_lazy_configs_build_the_same_model_optimizer_and_sc
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lazy_tiny")
-    for split, n in (("train", 6), ("val", 4)):
-        generate_split(str(root), split, n, seed=3, image_size=(64, 96))
-    return {split: f"lazy_{split}={root / f'{split}.json'}:{root / split}" for split in ("train", "val")}
+    return dataset_specs(tiny_shapes(tmp_path_factory.mktemp("lazy_tiny"), 6, 4), "lazy")
 
 
 def test_shapes_demo_yaml_and_lazy_loaders_give_the_same_batches(tiny):
@@ -219,17 +214,6 @@ def lazy_train_net(config, tiny, output_dir, *args):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     return log
-
-
-def copypaste_metrics(log):
-    lines = re.findall(r"copypaste: ([-0-9.,nan]+)$", log, flags=re.M)
-    assert lines, "no evaluation result in the log"
-    return lines[-1]
-
-
-def metrics(output_dir):
-    with open(output_dir / "metrics.json") as f:
-        return [json.loads(line) for line in f]
 
 
 def checkpoint(path):

@@ -25,7 +25,7 @@ from detectron2.solver import build_lr_scheduler as detectron2_lr_scheduler  # n
 import vfnet  # noqa: E402
 from vfnet.solver import build_lr_scheduler  # noqa: E402
 
-from helpers import ROOT, TINY, start_deterministic  # noqa: E402
+from helpers import ROOT, TINY, dataset_specs, start_deterministic, tiny_shapes  # noqa: E402
 from helpers import finish as finish_run  # noqa: E402
 
 
@@ -109,12 +109,8 @@ EPOCH_ENDS = ["model_0000005.pth", "model_0000007.pth", "model_0000009.pth"]
 
 @pytest.fixture(scope="module")
 def swa_data(tmp_path_factory):
-    from vfnet.data.shapes import generate_split
-
-    root = tmp_path_factory.mktemp("swa_data")
-    for split, n in (("train", 8), ("val", 3)):
-        generate_split(str(root), split, n, seed=11, image_size=(56, 80))
-    return {split: f"swa_{split}={root / f'{split}.json'}:{root / split}" for split in ("train", "val")}
+    root = tiny_shapes(tmp_path_factory.mktemp("swa_data"), 8, 3, seed=11, image_size=(56, 80))
+    return dataset_specs(root, "swa")
 
 
 def train_net(output_dir, *args, num_gpus=1):

@@ -1,20 +1,17 @@
 """End to end: tools/train_net.py trains, checkpoints, evaluates, resumes, on a tiny dataset."""
 import glob
-import json
 import math
 import os
 import re
-import subprocess
-import sys
 import pytest
 import torch
 from torch import nn
 
 pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
 
-from vfnet.data.shapes import generate_split  # noqa: E402
+from helpers import ROOT, copypaste_metrics, metrics, tiny_shapes  # noqa: E402
+from helpers import train_net as run_train_net  # noqa: E402
 
-from helpers import ROOT  # noqa: E402
 TINY = [
     "MODEL.RESNETS.DEPTH", "18",
     "MODEL.FPN.OUT_CHANNELS", "64",
@@ -36,35 +33,11 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    for split, n in (("train", 6), ("val", 4)):
-        generate_split(str(root), split, n, seed=3, image_size=(64, 96))
-    return root
+    return tiny_shapes(tmp_path_factory.mktemp("tiny"), 6, 4)
 
 
 def train_net(root, output_dir, *args):
-    cmd = [
-        sys.executable, os.path.join(ROOT, "tools", "train_net.py"),
-        "--config-file", os.path.join(ROOT, "configs", "VFNet_Shapes_Demo.yaml"),
-        "--dataset", f"tiny_train={root / 'train.json'}:{root / 'train'}",
-        "--dataset", f"tiny_val={root / 'val.json'}:{root / 'val'}",
-        *args, *TINY, "OUTPUT_DIR", str(output_dir),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
-
-
-def copypaste_metrics(log):
-    """The 'copypaste' AP line that Detectron2 prints after a COCO evaluation."""
-    lines = re.findall(r"copypaste: ([-0-9.,nan]+)$", log, flags=re.M)
-    assert lines, "no evaluation result in the log"
-    return lines[-1]
-
-
-def metrics(output_dir):
-    with open(output_dir / "metrics.json") as f:
-        return [json.loads(line) for line in f]
+    return run_train_net(root, output_dir, *args, *TINY)
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,10 @@ from fvcore.nn import sigmoid_focal_loss  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
 import vfnet  # noqa: E402
-from vfnet.data.shapes import generate_split  # noqa: E402
 from vfnet.modeling.meta_arch import IoUAwareFCOS, IoUAwareRetinaNet  # noqa: E402
 from vfnet.modeling.meta_arch.iou_aware_dense import iou_aware_targets  # noqa: E402
 
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, dataset_specs, tiny_shapes  # noqa: E402
 LN2 = math.log(2.0)
 
 
@@ -389,10 +388,7 @@ def test_vfnet_unknown_loss_type_names_the_key():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vfl_tiny")
-    for split, n in (("train", 6), ("val", 4)):
-        generate_split(str(root), split, n, seed=3, image_size=(64, 96))
-    return {s: f"vfl_{s}={root / f'{s}.json'}:{root / s}" for s in ("train", "val")}
+    return dataset_specs(tiny_shapes(tmp_path_factory.mktemp("vfl_tiny"), 6, 4), "vfl")
 
 
 def run(cmd):

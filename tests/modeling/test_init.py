@@ -14,7 +14,7 @@ draws it from, by a Kolmogorov-Smirnov test, the bounds computed here from the s
 
 Detectron2's own FPN init (c2_xavier_fill: +-sqrt(3 / fan_in)) has the xavier bound of the 3x3
 convs (fan_in = fan_out) but not of the 1x1 laterals: the lateral tests tell them apart (checked
-below). tests/test_mmdet_parity_init.py compares the same tensors with MMDetection 3.3's init.
+below). tests/parity/test_mmdet_parity_init.py compares the same tensors with MMDetection 3.3's init.
 """
 import math
 

@@ -4,12 +4,10 @@ a re-computation written here with torch.nn.functional ops from the same weights
 average-pool shortcut, the first block's separate splits and pooled last split, the DCNv2
 variant), the builder's structure and freezing, and a VFNet with Res2Net-50 that trains,
 evaluates (tools/train_net.py --eval-only) and exports. MMDetection's own Res2Net is compared in
-tests/test_mmdet_parity_res2net.py.
+tests/parity/test_mmdet_parity_res2net.py.
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,11 +20,11 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from torchvision.ops import deform_conv2d  # noqa: E402
 
-from vfnet.data.shapes import generate_split  # noqa: E402
 from vfnet.modeling.backbone import build_res2net_backbone  # noqa: E402
 from vfnet.modeling.backbone.res2net import Bottle2neckBlock, Res2NetStem  # noqa: E402
 
-from helpers import ROOT, small_cfg  # noqa: E402
+from helpers import small_cfg, tiny_shapes  # noqa: E402
+from helpers import train_net as run_train_net  # noqa: E402
 
 R2 = ["MODEL.BACKBONE.NAME", "build_vfnet_res2net_fpn_backbone", "MODEL.RESNETS.DEPTH", "50"]
 
@@ -226,29 +224,18 @@ def test_builder_refuses_bad_keys():
 # ------------------------------------------------------------------------------ a whole VFNet
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    for split, n in (("train", 4), ("val", 2)):
-        generate_split(str(root), split, n, seed=3, image_size=(64, 96))
-    return root
+    return tiny_shapes(tmp_path_factory.mktemp("tiny"), 4, 2)
 
 
 def train_net(root, output_dir, *args):
-    cmd = [
-        sys.executable, os.path.join(ROOT, "tools", "train_net.py"),
-        "--config-file", os.path.join(ROOT, "configs", "VFNet_Shapes_Demo.yaml"),
-        "--dataset", f"tiny_train={root / 'train.json'}:{root / 'train'}",
-        "--dataset", f"tiny_val={root / 'val.json'}:{root / 'val'}",
-        *args, *R2,
+    return run_train_net(
+        root, output_dir, *args, *R2,
         "DATASETS.TRAIN", "('tiny_train',)", "DATASETS.TEST", "('tiny_val',)",
         "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
         "SOLVER.STEPS", "(1,)", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "TEST.GALLERY.NUM_IMAGES", "0",
-        "SEED", "7", "OUTPUT_DIR", str(output_dir),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+        "SEED", "7", threads=1, timeout=600,
+    )  # fmt: skip
 
 
 DCN = ["MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[False, True, True, True]", "MODEL.RESNETS.DEFORM_MODULATED", "True",

@@ -43,7 +43,7 @@ H, W = 80, 120  # the test image
 def spread_scores(model):
     """
     Random-init scores are all ~prior_prob and boxes all 8 strides wide: spread the scores over
-    (0, 1) (as tests/test_export.py) and the boxes over sizes smaller than the image, so that
+    (0, 1) (as tests/export/test_export.py) and the boxes over sizes smaller than the image, so that
     more than 100 detections survive the NMS of a small image.
     """
     torch.manual_seed(1)

@@ -5,7 +5,7 @@ Needs MMDetection (skipped without it). Run it with the interpreter of the separ
 virtualenv that has it (README: Numerical parity):
 
     bash tools/install.sh --parity-env venv-mmdet
-    venv-mmdet/bin/python -m pytest tests/test_mmdet_parity.py -q
+    venv-mmdet/bin/python -m pytest tests/parity/test_mmdet_parity.py -q
 
 The harness is dev/mmdet_parity.py (run by tools/mmdet_parity.py): MMDetection's
 VFNet built from its official config with every tensor perturbed, converted as
@@ -45,7 +45,7 @@ def test_every_tensor_perturbed_converted_and_loaded(report):
 
 
 def test_inverse_mapping_reproduces_mmdet_keys(report):
-    """The fake MMDetection checkpoints of tests/test_converter.py have MMDetection's exact keys."""
+    """The fake MMDetection checkpoints of tests/checkpoint/test_converter.py have MMDetection's exact keys."""
     from helpers import d2_to_mmdet
 
     mm_keys = set(report.objects["mm_model"].state_dict())

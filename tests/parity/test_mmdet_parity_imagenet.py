@@ -4,7 +4,7 @@ official VFNet_X_101_* configs) converted with convert_imagenet_backbone (the to
 MMDetection 3.3's ResNeXt (random weights and BatchNorm statistics, its keys as in those files)
 and the Detectron2 ResNeXt of configs/VFNet_X_101_32x4d_FPN_MS_2x.yaml compute the same
 res3-res5 features in float64 (parity environment). The torchvision ResNets:
-tests/test_imagenet_backbones.py.
+tests/checkpoint/test_imagenet_backbones.py.
 """
 import os
 

@@ -8,7 +8,7 @@ Where MMDetection 3.3 differs from 2.10 (the published models), 2.10 is followed
 mmengine calls the `init_weights` of the head's direct children after the head's own init_cfg,
 so the box conv (ConvModule `vfnet_reg_conv`) and the two star deformable convs are re-drawn
 by their own inits there, where 2.10's VFNetHead.init_weights leaves them normal(0, 0.01). Those
-three are checked to differ in 3.3 and to be 2.10's here (tests/test_init.py checks every tensor
+three are checked to differ in 3.3 and to be 2.10's here (tests/modeling/test_init.py checks every tensor
 against the official distributions without MMDetection).
 """
 import os

@@ -2,10 +2,10 @@
 Parity of this project's Res2Net VFNets with MMDetection's, through the converter: the R2-101
 and R2-101-DCN models of MMDetection 3.3's configs/vfnet/vfnet_res2net-101_fpn_ms-2x_coco.py and
 vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py, every tensor perturbed, converted, loaded into
-configs/mmdet/VFNet_R2_101*_FPN_MS_2x.yaml, and compared as tests/test_mmdet_parity.py does
+configs/mmdet/VFNet_R2_101*_FPN_MS_2x.yaml, and compared as tests/parity/test_mmdet_parity.py does
 (harness: dev/mmdet_parity.py). Needs MMDetection (skipped without it):
 
-    venv-mmdet/bin/python -m pytest tests/test_mmdet_parity_res2net.py -q
+    venv-mmdet/bin/python -m pytest tests/parity/test_mmdet_parity_res2net.py -q
 """
 
 import pytest

@@ -4,7 +4,7 @@ architecture of VarifocalNet's released RetinaNet + FL and RetinaNet + VFL model
 
 Needs MMDetection (skipped without it); run with the parity virtualenv's interpreter:
 
-    venv-mmdet/bin/python -m pytest tests/test_mmdet_parity_retinanet.py -q
+    venv-mmdet/bin/python -m pytest tests/parity/test_mmdet_parity_retinanet.py -q
 
 The harness is dev/mmdet_parity_retinanet.py: MMDetection's RetinaNet built from its
 configs/retinanet/retinanet_r50_fpn_1x_coco.py with every tensor perturbed, converted as

@@ -2,7 +2,7 @@
 Two gloo workers train a small VFNet one step each (vfnet.engine.train_loop.SimpleTrainer);
 worker 1's image holds NaN. Each worker
 writes the message of the FloatingPointError it stops with to OUT_DIR/rank{R}.txt, for
-tests/test_numerics.py.
+tests/modeling/test_numerics.py.
 
     python tests/scripts/ddp_nonfinite.py OUT_DIR
 """

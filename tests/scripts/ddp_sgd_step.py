@@ -2,7 +2,7 @@
 One SGD step of a small VFNet in float64 on two images: in one process (twice, and once with the
 two images swapped), and in two gloo processes that take one image each under
 DistributedDataParallel. One thread and torch's deterministic algorithms. Saves the updated
-state dicts and the gradients for tests/test_distributed.py.
+state dicts and the gradients for tests/engine/test_distributed.py.
 
     python tests/scripts/ddp_sgd_step.py OUT_DIR
 """

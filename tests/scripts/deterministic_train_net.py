@@ -1,7 +1,7 @@
 """
 What tools/train_net.py runs, in one process under settings whose runs are bitwise reproducible on any CPU
 (one thread, torch's deterministic algorithms), optionally killing itself with SIGKILL, as a
-pre-empted cluster job is killed, for tests/test_robustness_runs.py.
+pre-empted cluster job is killed, for tests/robustness/test_robustness_runs.py.
 
     python tests/scripts/deterministic_train_net.py [--kill-after-iter N]
         [--kill-writing FILE_NAME] -- TRAIN_NET_ARGS...

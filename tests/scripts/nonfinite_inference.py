@@ -1,6 +1,6 @@
 """
 A small VFNet's inference (score threshold 0) on images holding NaN, +inf or -inf everywhere, on
-an image with a NaN patch and on a finite one, for tests/test_numerics.py (in a child process).
+an image with a NaN patch and on a finite one, for tests/modeling/test_numerics.py (in a child process).
 Prints one JSON line per image: the number of detections and whether their boxes and scores are
 finite and their boxes non-empty.
 

@@ -1,6 +1,6 @@
 """
 One deformable-conv kernel on offsets holding NaN, +inf, -inf, 1e30 and a mix of them, forward
-and backward, for tests/test_numerics.py (in a child process: a kernel that crashes on them
+and backward, for tests/modeling/test_numerics.py (in a child process: a kernel that crashes on them
 kills this process, not pytest). Prints one JSON line per case: the largest difference from the
 reference, where a kernel point with a non-finite offset reads zero (it is given offset 0 and
 modulation 0, through torchvision), and whether the input gradient is finite.
