@@ -16,6 +16,8 @@ from detectron2.engine.defaults import DefaultPredictor
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
+from vfnet.checkpoint.detection_checkpoint import VFNetCheckpointer
+
 
 def dataset_class_names(dataset_name: str) -> Optional[List[str]]:
     """
@@ -44,6 +46,20 @@ def test_metadata(cfg) -> Metadata:
     return MetadataCatalog.get(name)
 
 
+class Predictor(DefaultPredictor):
+    """
+    Detectron2's DefaultPredictor, whose MODEL.WEIGHTS this project's checkpointer loads: an
+    MMDetection checkpoint too (a file, an http(s) address or vfnet://NAME), converted on load.
+    """
+
+    def __init__(self, cfg):
+        without_weights = cfg.clone()
+        without_weights.defrost()
+        without_weights.MODEL.WEIGHTS = ""
+        super().__init__(without_weights)
+        VFNetCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+
+
 class VisualizationDemo:
     """
     Args:
@@ -55,7 +71,7 @@ class VisualizationDemo:
         self.metadata = test_metadata(cfg)
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = Predictor(cfg)
 
     def run_on_image(self, image: np.ndarray) -> Tuple[dict, VisImage]:
         """

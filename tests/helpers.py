@@ -410,3 +410,134 @@ def stand_in_deform_conv(x, offset, weight, stride=1, padding=0, dilation=1, gro
 def stand_in_modulated_deform_conv(x, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, deformable_groups=1):
     assert groups == 1 and deformable_groups == 1
     return StandInKernel.apply(x, offset, mask, weight, bias, stride, padding, dilation)
+
+
+# Official weights without the internet: MMDetection checkpoints served by a local HTTP server.
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def http_server(root, truncated=()):
+    """
+    Serve the files under `root` at http://127.0.0.1:PORT (a free port; a thread, stopped on
+    exit). Yields (that address, the list of the paths requested). The paths `truncated` are sent
+    with their whole Content-Length but half of their bytes, then the connection is closed: a
+    download cut short.
+    """
+    import functools
+    import http.server
+    import threading
+
+    requested = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        timeout = 60  # a client that stops reading does not hold the server longer
+
+        def do_GET(self):
+            requested.append(self.path)
+            if self.path not in truncated:
+                return super().do_GET()
+            with open(self.translate_path(self.path), "rb") as f:
+                data = f.read()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def serve(root, url, file):
+    """Put `file` under `root` where a server of `root` serves it at the path of the address `url` (a hard link); returns that path."""
+    from urllib.parse import urlparse
+
+    path = urlparse(url).path
+    target = os.path.join(str(root), path.lstrip("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.link(file, target)
+    return path
+
+
+def redirect_official_weights(monkeypatch, server):
+    """ModelCatalog's download addresses, on `server` (the paths of the official addresses)."""
+    from urllib.parse import urlparse
+
+    from vfnet.checkpoint.catalog import ModelCatalog
+
+    urls = {name: server + urlparse(url).path for name, url in ModelCatalog.URLS.items()}
+    monkeypatch.setattr(ModelCatalog, "URLS", urls)
+
+
+def mmdet_checkpoint_of(model, path):
+    """Write the weights of the Detectron2 VFNet `model` to `path` as an official MMDetection 2.x checkpoint ({"state_dict", "meta"})."""
+    weights = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": mmdet_style(weights), "meta": {"mmdet_version": "2.6.0", "epoch": 12}}, path)
+    return path
+
+
+def small_mmdet_file(path):
+    """An MMDetection checkpoint (`path`) of the small model of :func:`small_cfg` (seed 0)."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return mmdet_checkpoint_of(build_model(small_cfg()), path)
+
+
+def official_model_file(config, path, seed=0):
+    """An official MMDetection checkpoint (`path`) of the model of configs/`config` at a random initialisation (spread scores: detections on a photograph)."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(seed)
+    model = spread_scores(build_model(load_config(config, "MODEL.DEVICE", "cpu")))
+    return mmdet_checkpoint_of(model, path)
+
+
+def raccoon_image():
+    """The first raccoon photograph (BGR), or a skip where the dataset is absent."""
+    import glob
+
+    import cv2
+    import pytest
+
+    paths = sorted(glob.glob(os.path.join(RACCOON_IMAGES, "*.jpg")))
+    if not paths:
+        pytest.skip(f"the raccoon images are not at {RACCOON_IMAGES}")
+    return cv2.imread(paths[0])
+
+
+def detections_of(config, weights, image, strict=True):
+    """The detections on `image` (min size 128) of the model of configs/`config` with `weights` loaded by VFNetCheckpointer."""
+    from detectron2.modeling import build_model
+
+    from vfnet.checkpoint.detection_checkpoint import VFNetCheckpointer
+
+    model = build_model(load_config(config, "MODEL.DEVICE", "cpu")).eval()
+    VFNetCheckpointer(model, strict=strict).load(str(weights))
+    return eager_predictions(model, image)
+
+
+def explicit_detections(config, mmdet_file, image, tmp_path):
+    """The detections of the MMDetection checkpoint `mmdet_file` converted by the tool's function for configs/`config`, then loaded: the explicit path."""
+    from vfnet.checkpoint.converter import convert_checkpoint_file
+
+    converted = os.path.join(str(tmp_path), "explicit_d2.pth")
+    convert_checkpoint_file(str(mmdet_file), converted, os.path.join(ROOT, "configs", config))
+    return detections_of(config, converted, image)
+
+
+def assert_identical_detections(a, b):
+    """The same detections, bit for bit."""
+    assert len(a) == len(b) > 0
+    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.pred_classes, b.pred_classes)

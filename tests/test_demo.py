@@ -95,6 +95,20 @@ def test_default_predictor_returns_instances_in_the_original_size():
     assert torch.all(inst.scores[:-1] >= inst.scores[1:])
 
 
+def test_the_demos_predictor_loads_an_mmdetection_checkpoint_as_it_is(tmp_path):
+    from helpers import small_mmdet_file
+
+    load_demo()  # (puts demo/ on the path)
+    from predictor import Predictor
+
+    weights = small_mmdet_file(str(tmp_path / "vfnet_small.pth"))
+    predictor = Predictor(small_cfg("MODEL.WEIGHTS", weights))
+    torch.manual_seed(0)
+    served = build_model(small_cfg()).state_dict()  # the weights of that file
+    loaded = predictor.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in served.items() if not k.endswith("num_batches_tracked"))
+
+
 def test_expand_inputs(tmp_path):
     demo = load_demo()
     for name in ("b.jpg", "a.PNG", "c.txt"):

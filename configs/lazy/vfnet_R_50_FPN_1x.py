@@ -171,8 +171,8 @@ lr_multiplier = L(WarmupParamScheduler)(
 # and the training loader; negative: random) and this config's values.
 train = dict(
     output_dir="output/vfnet_R_50_FPN_1x",
-    # torchvision's ImageNet ResNet-50, converted once (configs/VFNet_R_50_FPN_1x.yaml says how).
-    init_checkpoint="pretrained/resnet50_d2.pth",
+    # torchvision's ImageNet ResNet-50, downloaded and converted on first use.
+    init_checkpoint="vfnet://ImageNetPretrained/resnet50",
     max_iter=87960,
     amp=dict(enabled=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),

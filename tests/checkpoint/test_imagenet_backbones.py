@@ -1,6 +1,8 @@
 """
 The ImageNet backbones of the official configs (torchvision's ResNet-50/101, pytorch style),
-converted by tools/convert_mmdet_to_d2.py --imagenet and loaded through MODEL.WEIGHTS: the
+converted by tools/convert_mmdet_to_d2.py --imagenet and loaded through MODEL.WEIGHTS, or named
+by the training configs' address (vfnet://ImageNetPretrained/..., downloaded and converted on first
+use; served here by a local HTTP server): the
 Detectron2 ResNet of the config computes torchvision's features (float64, 800x1333), the DCN
 config's too (its DCNv2 starts at zero offsets and modulation 1/2: the 3x3 conv at half weight,
 at stride 2 as the official one). A random torchvision ResNet with random BatchNorm statistics stands in for the download.
@@ -18,7 +20,11 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from helpers import ROOT
+from vfnet.checkpoint.catalog import ModelCatalog
+from vfnet.checkpoint.converter import convert_imagenet_backbone
+from vfnet.checkpoint.detection_checkpoint import VFNetCheckpointer
+
+from helpers import ROOT, http_server, redirect_official_weights, serve
 from helpers import load_config as load
 
 TOOL = os.path.join(ROOT, "tools", "convert_mmdet_to_d2.py")
@@ -64,7 +70,7 @@ def convert(net, tmp_path, config):
 
 def loaded_bottom_up(config, weights):
     cfg = load(config, "MODEL.DEVICE", "cpu")
-    assert cfg.MODEL.WEIGHTS.startswith("pretrained/")  # the file the config's comment makes
+    assert cfg.MODEL.WEIGHTS.startswith("vfnet://ImageNetPretrained/")  # see the test below
     assert (list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD), cfg.INPUT.FORMAT) == (IMAGENET_MEAN, IMAGENET_STD, "RGB")
     assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
     model = build_model(cfg)
@@ -108,3 +114,21 @@ def test_converted_torchvision_resnet101_fits_the_r101_configs(tmp_path):
     # The DCN config reads the same file (its offset convs start from their zero init).
     bottom_up = loaded_bottom_up("VFNet_R_101_DCN_FPN_MS_2x.yaml", weights)
     torch.testing.assert_close(bottom_up.res4[22].conv2.weight.float(), net.layer3[22].conv2.weight.detach())
+
+
+def test_the_training_configs_address_downloads_and_converts_torchvisions_file(resnet50, tmp_path, monkeypatch):
+    cfg = load("VFNet_R_50_DCN_FPN_MS_2x.yaml", "MODEL.DEVICE", "cpu")
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    weights = {k: v.float() for k, v in resnet50.state_dict().items()}
+    torch.save(weights, tmp_path / "resnet50-0676ba61.pth")
+    path = serve(tmp_path / "www", ModelCatalog.URLS["ImageNetPretrained/resnet50"], tmp_path / "resnet50-0676ba61.pth")
+    assert path == "/models/resnet50-0676ba61.pth"  # torchvision's file, as published
+    with http_server(tmp_path / "www") as (address, requested):
+        redirect_official_weights(monkeypatch, address)
+        model = build_model(cfg)
+        VFNetCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # vfnet://ImageNetPretrained/resnet50
+    assert requested == [path]
+    converted, _ = convert_imagenet_backbone(weights)  # what the tool writes with --imagenet
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in converted.items())
+    assert not any("conv2_offset" in k for k in converted)  # the DCN offsets: the model's init

@@ -55,10 +55,13 @@ __all__ = [
     "convert_mmdet_to_d2",
     "convert_key",
     "describe_mmdet_state_dict",
+    "detectron2_checkpoint",
     "extract_state_dict",
     "is_res2net",
+    "imagenet_backbone",
     "load_checkpoint",
     "conversion_summary",
+    "misfit",
     "read_mmdet_checkpoint",
     "refuse_misfit",
     "save_converted",
@@ -301,6 +304,19 @@ def is_res2net(keys) -> bool:
     return "backbone.layer1.0.convs.0.weight" in set(keys)
 
 
+def imagenet_backbone(keys) -> Optional[str]:
+    """
+    "Res2Net" or "ResNet/ResNeXt": the ImageNet network whose keys (without ``backbone.``: an
+    official config's ``torchvision://`` or ``open-mmlab://`` weights) these are; None for others.
+    """
+    keys = set(keys)
+    if "layer1.0.convs.0.weight" in keys:
+        return "Res2Net"
+    if {"conv1.weight", "layer1.0.conv1.weight"} <= keys:
+        return "ResNet/ResNeXt"
+    return None
+
+
 def _dcn_towers(keys) -> set:
     """(tower, index) of the tower convs that are DCNv2 convs in an MMDetection state dict."""
     out = set()
@@ -447,16 +463,14 @@ def convert_imagenet_backbone(
             "without --imagenet."
         )
     prefixed = {f"backbone.{k}": v for k, v in state_dict.items()}
-    if is_res2net(prefixed):
-        net, rules = "Res2Net", _RES2NET_BACKBONE
-    elif {"conv1.weight", "layer1.0.conv1.weight"} <= set(state_dict):
-        net, rules = "ResNet/ResNeXt", _RESNET_BACKBONE
-    else:
+    net = imagenet_backbone(state_dict)
+    if net is None:
         raise ConversionError(
             "Not an ImageNet ResNet, ResNeXt or Res2Net checkpoint: neither 'conv1.weight' and "
             "'layer1.0.conv1.weight' (ResNet/ResNeXt) nor 'layer1.0.convs.0.weight' (Res2Net) "
             f"is among its keys (first keys: {list(state_dict)[:5]})."
         )
+    rules = _RES2NET_BACKBONE if net == "Res2Net" else _RESNET_BACKBONE
     converted, report, unknown = _apply_rules(prefixed, rules + _IMAGENET_CLASSIFIER)
     if unknown:
         unknown = [k[len("backbone.") :] for k in unknown]
@@ -612,9 +626,8 @@ def check_against_model(
 ) -> List[str]:
     """
     Build the model of `config_file` (with the overrides `opts`, KEY VALUE pairs) on the CPU;
-    return a list of problems of `converted` against its state dict (empty when it fits): of the
-    model's keys, those starting with `prefix` must all be in `converted`, except those that
-    `model_init` matches (left to the model's initialisation). Needs Detectron2.
+    return the problems of `converted` against its state dict (:func:`misfit`; empty when it
+    fits). Needs Detectron2.
     """
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -627,20 +640,35 @@ def check_against_model(
     cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
-    model_sd = build_model(cfg).state_dict()
+    return misfit(converted, build_model(cfg).state_dict(), prefix, model_init)
+
+
+def misfit(
+    converted: Mapping[str, Tensor],
+    model_state_dict: Mapping[str, Tensor],
+    prefix: str = "",
+    model_init: Optional["re.Pattern"] = None,
+) -> List[str]:
+    """
+    The problems of `converted` against a model's state dict (empty when it fits): of the model's
+    keys, those starting with `prefix` must all be in `converted`, except those that `model_init`
+    matches (left to the model's initialisation); every key of `converted` must be the model's,
+    in the model's shape.
+    """
     problems = []
-    for k in model_sd:
+    for k, v in model_state_dict.items():
         # BatchNorm's step counter (dropped by the conversion) plays no part in the forward.
         if model_init is not None and model_init.fullmatch(k):
             continue
         if k.startswith(prefix) and k not in converted and not k.endswith("num_batches_tracked"):
-            problems.append(f"missing in checkpoint: {k} {tuple(model_sd[k].shape)}")
+            problems.append(f"missing in checkpoint: {k} {tuple(v.shape)}")
     for k, v in converted.items():
-        if k not in model_sd:
+        if k not in model_state_dict:
             problems.append(f"not in the model: {k} {tuple(v.shape)}")
-        elif tuple(v.shape) != tuple(model_sd[k].shape):
+        elif tuple(v.shape) != tuple(model_state_dict[k].shape):
             problems.append(
-                f"shape mismatch: {k} checkpoint {tuple(v.shape)} vs model {tuple(model_sd[k].shape)}"
+                f"shape mismatch: {k} checkpoint {tuple(v.shape)} vs model "
+                f"{tuple(model_state_dict[k].shape)}"
             )
     return problems
 
@@ -683,14 +711,22 @@ def refuse_misfit(converted: Mapping[str, Tensor], config_file: str, opts=(), pr
         )
 
 
-def save_converted(state_dict: Mapping[str, Tensor], path: str) -> None:
+def detectron2_checkpoint(state_dict: Mapping[str, Tensor], **extra) -> Dict[str, object]:
     """
-    Write the converted `state_dict` to `path` as the Detectron2 checkpoint
-    ``{"model": state_dict, "__author__": "mmdetection", "matching_heuristics": False}`` (loaded
-    by exact names), atomically: a failure leaves no partial file.
+    The Detectron2 checkpoint of the converted `state_dict`: ``{"model": state_dict,
+    "__author__": "mmdetection", "matching_heuristics": False}`` (loaded by exact names), with
+    the entries `extra`.
+    """
+    return {"model": state_dict, "__author__": "mmdetection", "matching_heuristics": False, **extra}
+
+
+def save_converted(state_dict: Mapping[str, Tensor], path: str, **extra) -> None:
+    """
+    Write :func:`detectron2_checkpoint` of `state_dict` (with the entries `extra`) to `path`,
+    atomically: a failure leaves no partial file.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    checkpoint = {"model": state_dict, "__author__": "mmdetection", "matching_heuristics": False}
+    checkpoint = detectron2_checkpoint(state_dict, **extra)
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 

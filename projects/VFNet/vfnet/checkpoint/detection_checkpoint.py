@@ -1,9 +1,11 @@
 """
 Checkpoints that a run killed while saving cannot leave half-written under a name that
-`--resume` or `--eval-only` reads, and loading that names the file at fault.
+`--resume` or `--eval-only` reads, loading that names the file at fault, and MMDetection
+checkpoints (files and addresses) loaded as they are, converted on load.
 """
 
 import os
+from typing import Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -11,6 +13,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..utils.file_io import atomic_write
+from .converter import load_checkpoint
+from .mmdet_checkpoint import convert_mmdet_checkpoint, converted_download, misfit_of, mmdet_kind
 
 __all__ = ["CheckpointError", "VFNetCheckpointer", "load_for_evaluation"]
 
@@ -28,6 +32,13 @@ class VFNetCheckpointer(DetectionCheckpointer):
     Loading a local file that does not exist or is not a checkpoint raises an error naming it;
     with `strict`, so does loading one that lacks weights of the model or has them in another
     shape (Detectron2 only warns, as a fine-tuning from a backbone's weights expects).
+
+    An MMDetection checkpoint (a VarifocalNet or RetinaNet, or the ImageNet backbone of an
+    official config; a file, an http(s) address or a ``vfnet://`` name) is converted as it is
+    loaded (:mod:`~vfnet.checkpoint.mmdet_checkpoint`; a download's conversion is cached beside it)
+    and refused, naming it, unless it fits the model as tools/convert_mmdet_to_d2.py --config-file
+    requires: no weight missing, unexpected or in another shape. A file that is neither
+    Detectron2's nor MMDetection's is refused too.
     """
 
     def __init__(self, model, save_dir="", *, strict: bool = False, **kwargs):
@@ -56,6 +67,9 @@ class VFNetCheckpointer(DetectionCheckpointer):
         if path and "://" not in path and not os.path.isfile(urlparse(path).path):
             raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
         self._loading = path
+        if path and path.startswith(("http://", "https://", "ftp://")):
+            address, _, query = path.partition("?")
+            path = converted_download(address) + (f"?{query}" if query else "")
         try:
             return super().load(path, *args, **kwargs)
         finally:
@@ -63,16 +77,54 @@ class VFNetCheckpointer(DetectionCheckpointer):
 
     def _torch_load(self, f):
         try:
-            return super()._torch_load(f)
+            checkpoint = load_checkpoint(f)
         except Exception as e:  # torch.load raises many types for a file it cannot read
             raise CheckpointError(
                 f"Cannot read checkpoint '{f}': it is not a PyTorch checkpoint, or it is "
                 f"truncated ({type(e).__name__}: {e})."
             ) from e
+        kind = mmdet_kind(checkpoint)
+        if kind is not None:
+            self.logger.info(f"Converting the MMDetection checkpoint {f} ({kind}) ...")
+            return convert_mmdet_checkpoint(checkpoint, kind, f)
+        if not self._is_detectron2s(checkpoint):
+            keys = list(checkpoint)[:5] if isinstance(checkpoint, Mapping) else []
+            raise CheckpointError(
+                f"Checkpoint '{self._loading}'"
+                + ("" if f == self._loading else f" (file '{f}')")
+                + " is neither a Detectron2 checkpoint (no 'model' entry, and none of its keys "
+                "is a weight of the model) nor an MMDetection checkpoint (no 'state_dict' entry, "
+                f"no key 'bbox_head.*' or 'neck.*', nor an ImageNet ResNet's): it holds a "
+                f"{type(checkpoint).__name__}" + (f" of keys {keys} ..." if keys else "") + "."
+            )
+        return checkpoint
+
+    def _is_detectron2s(self, checkpoint) -> bool:
+        """Whether a loaded file is a Detectron2 checkpoint: {"model": ...}, or a state dict of
+        the model (that of a DistributedDataParallel too)."""
+        if not isinstance(checkpoint, Mapping):
+            return False
+        weights = self.model.state_dict()
+        return "model" in checkpoint or any(
+            k.removeprefix("module.") in weights for k in checkpoint
+        )
 
     def _load_model(self, checkpoint):
+        converted = "converted_from" in checkpoint
+        if converted:  # an MMDetection checkpoint: its fit is the converter's (BN counters aside)
+            problems = misfit_of(checkpoint, self.model.state_dict())
+            kind = checkpoint.pop("converted_from")["kind"]
+            if problems:
+                shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+                raise CheckpointError(
+                    f"Checkpoint '{self._loading}', an MMDetection checkpoint ({kind}) converted "
+                    f"on load, does not fit the model ({len(problems)} problem(s)):\n  {shown}\n"
+                    "Is it the checkpoint of this config (for the official models, the config of "
+                    "configs/mmdet/ of the same name)? To fine-tune it with other classes, convert "
+                    "it with tools/convert_mmdet_to_d2.py and load the converted file."
+                )
         incompatible = super()._load_model(checkpoint)
-        if self.strict and incompatible.missing_keys:
+        if self.strict and not converted and incompatible.missing_keys:
             shapes = {key: (ckpt, model) for key, ckpt, model in incompatible.incorrect_shapes}
             missing = [k for k in incompatible.missing_keys if k not in shapes]
             problems = [

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, detection_utils
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
+from ..checkpoint.detection_checkpoint import VFNetCheckpointer
 from ..config import add_vfnet_config
 from .deform_conv import deform_conv_impls
 from .predictor import ExportedPredictor, resize_for_test
@@ -144,7 +144,7 @@ def export_model(
     """
     PathManager.mkdirs(output_dir)
     model = build_model(cfg)
-    DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    VFNetCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     model.eval()
     image = sample_image(cfg, sample_image_path).to(model.device)
 
