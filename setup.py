@@ -1,4 +1,36 @@
+import glob
+import os
+import shutil
+from os import path
+
 from setuptools import find_packages, setup
+
+ROOT = path.dirname(path.abspath(__file__))
+
+
+def get_model_zoo_configs():
+    """
+    The configs of `vfnet.model_zoo`, as Detectron2's setup.py gives its own: the repository's
+    configs/ linked into the package as vfnet/model_zoo/configs (copied where links are not
+    allowed) and listed as the package's data, so that an install, editable or not, holds them.
+    The link is made again only when it is missing or points elsewhere.
+    """
+    source = path.join(ROOT, "configs")
+    destination = path.join(ROOT, "projects", "VFNet", "vfnet", "model_zoo", "configs")
+    link = path.relpath(source, path.dirname(destination))
+    if path.isdir(source) and not (path.islink(destination) and os.readlink(destination) == link):
+        if path.islink(destination):
+            os.unlink(destination)
+        elif path.isdir(destination):
+            shutil.rmtree(destination)
+        try:
+            os.symlink(link, destination)
+        except OSError:
+            shutil.copytree(source, destination)
+    found = glob.glob(path.join(source, "**", "*.yaml"), recursive=True)
+    found += glob.glob(path.join(source, "**", "*.py"), recursive=True)
+    return [path.relpath(p, ROOT) for p in found]
+
 
 setup(
     name="vfnet",
@@ -6,6 +38,7 @@ setup(
     description="VarifocalNet (VFNet) for Detectron2",
     package_dir={"": "projects/VFNet"},
     packages=find_packages("projects/VFNet"),
+    package_data={"vfnet.model_zoo": get_model_zoo_configs()},
     python_requires=">=3.9",
     # Detectron2 itself is a prerequisite built from its source (see README.md): it is on no
     # package registry.

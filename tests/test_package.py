@@ -1,8 +1,9 @@
 """
 The installed package is only the detector: `pip install .` (not editable) gives a `vfnet`
 whose every module is reached from the product's own entry points (the detector, training,
-evaluation, conversion, export), which runs without the source checkout, and which holds none of
-the lab (dev/), the tools or the tests.
+evaluation, conversion, export, the model zoo), which runs without the source checkout, and which
+holds none of the lab (dev/), the tools or the tests, but the configs of its model zoo (a copy of
+configs/, as Detectron2's wheel holds its own).
 """
 import ast
 import json
@@ -23,6 +24,7 @@ ENTRY_POINTS = [
     "vfnet.engine",
     "vfnet.engine.lazy",
     "vfnet.export",
+    "vfnet.model_zoo",
     "vfnet.checkpoint.converter",
     "vfnet.checkpoint.retinanet_converter",
 ]
@@ -143,3 +145,42 @@ def test_no_installed_module_locates_files_relative_to_itself():
                     if isinstance(node, ast.Name) and node.id == "__file__":
                         found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
     assert found == []
+
+
+# The model zoo's configs from the wheel, outside the checkout: a YAML config with its _BASE_ chain
+# and a LazyConfig with its relative imports.
+MODEL_ZOO_CHILD = r"""
+import json, sys
+sys.path[:0] = json.loads(sys.argv[1])
+from vfnet import model_zoo
+cfg = model_zoo.get_config("mmdet/VFNet_R_50_DCN_FPN_MS_2x.yaml", trained=True)
+lazy = model_zoo.get_config("lazy/fcos_vfl_shapes_demo.py")
+print(json.dumps({"file": model_zoo.get_config_file("mmdet/VFNet_R_50_FPN_1x.yaml"),
+                  "weights": cfg.MODEL.WEIGHTS, "deform": list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE),
+                  "min_size_train": list(cfg.INPUT.MIN_SIZE_TRAIN), "lazy": lazy.model._target_.__name__}))
+"""
+
+
+def test_the_wheel_holds_the_model_zoos_configs_which_load_outside_the_checkout(wheel):
+    path, site = wheel
+    configs = os.path.join(ROOT, "configs")
+    expected = {
+        "vfnet/model_zoo/configs/" + os.path.relpath(os.path.join(folder, f), configs)
+        for folder, _, files in os.walk(configs) for f in files if f.endswith((".yaml", ".py"))
+    }  # fmt: skip
+    held = {n for n in zipfile.ZipFile(path).namelist() if n.startswith("vfnet/model_zoo/configs/")}
+    assert held == expected and len(held) > 30
+    import site as site_module
+
+    paths = [str(site)] + [p for p in site_module.getsitepackages() if os.path.isdir(p)]
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", MODEL_ZOO_CHILD, json.dumps(paths)],
+        capture_output=True, text=True, cwd="/", timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["file"] == os.path.join(str(site), "vfnet", "model_zoo", "configs", "mmdet", "VFNet_R_50_FPN_1x.yaml")
+    assert result["weights"].endswith("vfnet_r50_fpn_mdconv_c3-c5_mstrain_2x_coco_20201027pth-6879c318.pth")
+    # (the values of the bases: Base-VFNet-MS-2x.yaml and ../VFNet_R_50_DCN_FPN_MS_2x.yaml)
+    assert result["deform"] == [False, True, True, True] and result["min_size_train"] == [480, 960]
+    assert result["lazy"] == "IoUAwareFCOS"
