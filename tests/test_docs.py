@@ -17,6 +17,10 @@ Placeholders (CONFIG, IN.pth, paths a user supplies) are fine: only what the rep
 provides (configs/, tools/, demo/, dev/, .ci/) is checked. Values written as shell variables
 (`$s`) or `...` are placeholders: their key must exist, the value is not merged.
 
+A `vfnet://NAME` address must name official weights that download (vfnet.checkpoint.catalog),
+those of the configs/mmdet/ config of the command when it has one; and every `model_zoo` call of
+the docs' Python names a config of configs/ (with official weights where it asks for them).
+
 The links between the docs are checked too: every relative link resolves to a file of the
 checkout, and an anchor to a heading of its page.
 """
@@ -531,6 +535,28 @@ def merge_yaml(path: Path, overrides: List[str], errors: List[str], where: str) 
         errors.append(f"{where}: the overrides {pairs} do not merge into {path.relative_to(ROOT)}: {type(e).__name__}: {e}")
 
 
+@functools.lru_cache(maxsize=None)
+def _official_weights() -> Dict[str, str]:
+    """The names of vfnet:// addresses: ModelCatalog's download addresses."""
+    pytest.importorskip("detectron2", reason="Detectron2 is not installed (see README: Install)")
+    from vfnet.checkpoint.catalog import ModelCatalog
+
+    return dict(ModelCatalog.URLS)
+
+
+def check_vfnet_address(word: str, config: Optional[str], errors: List[str], where: str) -> None:
+    """A vfnet://NAME of a command: official weights that download, those of `config` (a config
+    of configs/mmdet/) when it names one."""
+    name = word[len("vfnet://"):]
+    if _is_placeholder(name):
+        return
+    if name not in _official_weights():
+        errors.append(f"{where}: {word}: no official weights to download of that name")
+    elif config and "/mmdet/" in f"/{config}" and not name.startswith("ImageNetPretrained/"):
+        if Path(config).stem != name:
+            errors.append(f"{where}: {word} are not the weights of {config}")
+
+
 def merge_lazy(path: Path, overrides: List[str], errors: List[str], where: str) -> None:
     from omegaconf import OmegaConf
 
@@ -615,6 +641,9 @@ def check_command(text: str, where: str = "command") -> List[str]:
                 if rp and re.search(r"\.(yaml|yml|py|sh)$", rp) and not (ROOT / rp).is_file():
                     errors.append(f"{where}: {rp} does not exist in the repository")
         config = (parsed.options.get("--config-file") or [None])[0]
+        for w in rest:
+            if w.startswith("vfnet://"):
+                check_vfnet_address(w, config, errors, where)
         if not rel.endswith(".py") or config is None:
             continue
         config_rel = _repo_path(config)
@@ -680,6 +709,9 @@ def test_the_checker_reports_what_is_wrong():
         "python tools/lazyconfig_train_net.py --config-file configs/lazy/vfnet_shapes_demo.py train.no_such_key=1": "no key train.no_such_key",
         "python tools/lazyconfig_train_net.py --config-file configs/lazy/no_such.py": "no_such.py",
         "python tools/convert_mmdet_to_d2.py --arch yolo IN.pth OUT.pth": "yolo",
+        "python tools/train_net.py --config-file configs/mmdet/VFNet_R_50_FPN_1x.yaml --eval-only MODEL.WEIGHTS vfnet://VFNet_R_18": "no official weights",  # noqa: E501
+        "python tools/train_net.py --config-file configs/mmdet/VFNet_R2_101_FPN_MS_2x.yaml --eval-only MODEL.WEIGHTS vfnet://VFNet_R2_101_FPN_MS_2x": "no official weights",  # noqa: E501
+        "python tools/train_net.py --config-file configs/mmdet/VFNet_R_50_FPN_1x.yaml --eval-only MODEL.WEIGHTS vfnet://VFNet_R_101_FPN_1x": "not the weights of",  # noqa: E501
     }
     for command, expected in bad.items():
         errors = check_command(command)
@@ -718,6 +750,21 @@ def test_extraction_of_blocks_and_inline_code():
     assert "python tools/train_net.py --resume" in found
     assert "bash tools/install.sh --help" in found
     assert not any(c.startswith("python =") for c in found)
+
+
+MODEL_ZOO_CALL = re.compile(r"model_zoo\.(get_config_file|get_config|get_checkpoint_url|get)\(\s*\"([^\"]+)\"([^)]*)\)")
+
+
+def test_the_model_zoo_calls_of_the_docs_name_packaged_configs():
+    calls = [(path.name, m) for path in DOCS for m in MODEL_ZOO_CALL.finditer(path.read_text(encoding="utf-8"))]
+    assert any(name == "README.md" for name, _ in calls)
+    for doc, m in calls:
+        function, config, rest = m.groups()
+        assert (ROOT / "configs" / config).is_file(), f"{doc}: model_zoo.{function}: no configs/{config}"
+        if function == "get_checkpoint_url" or "trained=True" in rest:
+            assert f"mmdet/{Path(config).stem}.yaml" == config and Path(config).stem in _official_weights(), (
+                f"{doc}: model_zoo.{function}(\"{config}\"): no official weights to download"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Convert an MMDetection VarifocalNet checkpoint (e.g. the official
 ``vfnet_r50_fpn_1x_coco_20201027-38db6f58.pth``) to a Detectron2 checkpoint of this project, or
 with ``--arch retinanet`` an MMDetection RetinaNet (the official RetinaNet + FL / + VFL models)
-to Detectron2's RetinaNet.
+to Detectron2's RetinaNet. (MODEL.WEIGHTS takes such a checkpoint as it is, a file, an address
+or vfnet://NAME, converted on load: docs/MODEL_ZOO.md. This tool writes a converted file of your
+own, for programs that load it with Detectron2's checkpointer.)
 
     python tools/convert_mmdet_to_d2.py IN.pth OUT.pth \
         [--config-file configs/mmdet/VFNet_R_50_FPN_1x.yaml] [KEY VALUE ...]
@@ -24,9 +26,9 @@ open-mmlab's ResNeXt-101 32x4d / 64x4d, or MMDetection's Res2Net-101 v1d:
 
     wget https://download.pytorch.org/models/resnet50-0676ba61.pth
     python tools/convert_mmdet_to_d2.py --imagenet resnet50-0676ba61.pth \
-        pretrained/resnet50_d2.pth --config-file configs/VFNet_R_50_FPN_1x.yaml
+        resnet50_d2.pth --config-file configs/VFNet_R_50_FPN_1x.yaml
     python tools/convert_mmdet_to_d2.py --imagenet res2net101_v1d_26w_4s_mmdetv2-f0a600f9.pth \
-        pretrained/res2net101_v1d_26w_4s_d2.pth --config-file configs/VFNet_R2_101_FPN_MS_2x.yaml
+        res2net101_v1d_26w_4s_d2.pth --config-file configs/VFNet_R2_101_FPN_MS_2x.yaml
 """
 
 import argparse
