@@ -186,12 +186,13 @@ def run_all(
     jobs: int = 1,
     threads: int = 0,
     log: Callable[[str], None] = print,
+    result: Callable[[str], Optional[float]] = final_ap,
 ) -> Dict[str, int]:
     """
-    Runs each of `runs` that has no final AP yet (`jobs` at a time, each with `threads` torch
-    threads when positive), after the run it starts from; its output goes to
-    `output_dir`.log. Returns {output_dir: exit status} of the runs started (-1: not started,
-    as its parent failed).
+    Runs each of `runs` that has no final AP yet (`result` of its output directory: None;
+    `jobs` at a time, each with `threads` torch threads when positive), after the run it starts
+    from; its output goes to `output_dir`.log. Returns {output_dir: exit status} of the runs
+    started (-1: not started, as its parent failed).
     """
     env = dict(os.environ)
     if threads > 0:
@@ -213,7 +214,7 @@ def run_all(
             code = subprocess.run(
                 [sys.executable, *run.argv], cwd=repo_root, env=env, stdout=out, stderr=subprocess.STDOUT
             ).returncode
-        ap = final_ap(os.path.join(repo_root, run.output_dir))
+        ap = result(os.path.join(repo_root, run.output_dir))
         report(f"{'done' if code == 0 else f'FAILED (exit {code})'} {run.output_dir}: AP {ap}")
         return code
 
@@ -221,7 +222,7 @@ def run_all(
     # waits only for a run already started.
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for run in runs:
-            if final_ap(os.path.join(repo_root, run.output_dir)) is None:
+            if result(os.path.join(repo_root, run.output_dir)) is None:
                 futures[run.output_dir] = pool.submit(execute, run)
     return {out: f.result() for out, f in futures.items()}
 

@@ -1,6 +1,7 @@
 """Parity of converted checkpoints with MMDetection's VarifocalNet, for tools/mmdet_parity.py and
 the parity tests; its functions import MMDetection, mmengine, mmcv and Detectron2."""
 import contextlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -50,6 +51,9 @@ def _ext_standin() -> types.ModuleType:
     ext = types.ModuleType("mmcv._ext")
     ext.__doc__ = "Stand-in for mmcv's compiled ops (vfnet.checkpoint.mmdet_parity): torchvision's."
     ext.IS_STANDIN = True
+    # A spec without a loader: mmengine's mmcv_full_available() (pkgutil.find_loader) reads it
+    # as "no compiled mmcv" rather than failing on a module without one.
+    ext.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
 
     def deform_conv_forward(
         input,

@@ -1,6 +1,7 @@
 """
 MMDetection's training-set filter (the official recipe) over Detectron2's dataset dicts, beside
-Detectron2's own (`filter_empty_annotations`, DATALOADER.FILTER_EMPTY_ANNOTATIONS).
+Detectron2's own (`filter_empty_annotations`, DATALOADER.FILTER_EMPTY_ANNOTATIONS); and the
+training boxes' fit to VFNet's ATSS anchors (:func:`warn_if_boxes_miss_anchors`).
 
 MMDetection's CocoDataset (2.10 and 3.3 alike, ``filter_cfg=dict(filter_empty_gt=True,
 min_size=32)``) keeps the images that have at least one annotation in the file (crowd ones
@@ -12,10 +13,13 @@ drops the images without a non-crowd annotation and keeps every box.
 import logging
 from typing import List, Sequence, Union
 
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.structures import BoxMode
+from detectron2.utils.logger import log_first_n
 
+from ..modeling.anchor_fit import anchor_fit_warning, resized_box_sides
 from .validation import DROP_UNREADABLE_KEY, DatasetError
 
 __all__ = [
@@ -24,6 +28,8 @@ __all__ = [
     "get_detection_dataset_dicts_as_mmdet",
     "get_training_dataset_dicts",
     "is_valid_mmdet_annotation",
+    "training_box_sides",
+    "warn_if_boxes_miss_anchors",
 ]
 
 TRAIN_FILTERS = ("detectron2", "mmdet")
@@ -163,3 +169,36 @@ def _no_training_image(names: List[str], train_filter: str, filter_empty: bool, 
         + f". {keep}; or annotate the images (a detector learns nothing from a training set "
         "without a box)."
     )
+
+
+def training_box_sides(dataset_dicts: List[dict], short_edge: int, max_size: int) -> np.ndarray:
+    """sqrt(w x h) of every non-crowd box of `dataset_dicts` after Detectron2's resize of its image
+    to `short_edge` (longer side at most `max_size`)."""
+    box_wh, image_hw = [], []
+    for record in dataset_dicts:
+        for ann in record.get("annotations", ()):
+            if ann.get("iscrowd", 0):
+                continue
+            x0, y0, x1, y1 = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
+            box_wh.append((x1 - x0, y1 - y0))
+            image_hw.append((record["height"], record["width"]))
+    if not box_wh:
+        return np.zeros(0)
+    return resized_box_sides(np.array(box_wh), np.array(image_hw), short_edge, max_size)
+
+
+def warn_if_boxes_miss_anchors(cfg, dataset_dicts: List[dict]) -> None:
+    """
+    At the start of a VFNet training: warn (once per process) when a large share of the training
+    boxes, at the largest training input scale (INPUT.MIN_SIZE_TRAIN, MAX_SIZE_TRAIN or
+    MAX_SIZE_TRAIN_RANGE), is much smaller than the smallest ATSS anchor
+    (MODEL.VFNET.ATSS.ANCHOR_SCALE x the stride of MODEL.VFNET.IN_FEATURES[0]); see
+    :func:`vfnet.modeling.anchor_fit.anchor_fit_warning`.
+    """
+    short_edge = max(cfg.INPUT.MIN_SIZE_TRAIN)
+    max_size = max(cfg.INPUT.MAX_SIZE_TRAIN_RANGE or (cfg.INPUT.MAX_SIZE_TRAIN,))
+    stride = 2 ** int(cfg.MODEL.VFNET.IN_FEATURES[0].lstrip("p"))
+    sides = training_box_sides(dataset_dicts, short_edge, max_size)
+    message = anchor_fit_warning(sides, cfg.MODEL.VFNET.ATSS.ANCHOR_SCALE, stride, (short_edge, max_size))
+    if message:
+        log_first_n(logging.WARNING, message, n=1, name=__name__, key="message")
