@@ -575,37 +575,41 @@ def ordering_runs(plan: Plan, seeds: Sequence[int], table3: bool = True) -> List
     return runs
 
 
-def small_object_runs(plan: Plan, seeds: Sequence[int], anchor_scales=(8, 6, 4, 3, 2),
-                      mmdet_anchor_scales=(8, 4), input_scales=(2.0,)) -> List[Run]:  # fmt: skip
+def small_object_runs(plan: Plan, seeds: Sequence[int], study: str = "small", anchor_scales=(8, 6, 4, 3, 2),
+                      mmdet_anchor_scales=(8, 4), input_scales=(2.0,), retinanet: bool = True) -> List[Run]:  # fmt: skip
     """
-    On a small-object dataset: this project's VFNet at each ATSS anchor scale, Detectron2's FCOS
-    and RetinaNet (the demo's anchors), MMDetection's VFNet at `mmdet_anchor_scales` and its
-    FCOS; then at each of `input_scales` (x the demo's input sizes) VFNet at anchor scales 8 and
-    4, FCOS and RetinaNet.
+    On a small-object dataset: this project's VFNet at each ATSS anchor scale, and with the
+    initial box normalised by the stride instead of 8 x the stride (MODEL.VFNET.BBOX_NORM_TYPE
+    "stride"), Detectron2's FCOS and RetinaNet (the demo's anchors; `retinanet`), MMDetection's
+    VFNet at `mmdet_anchor_scales` and its FCOS; then at each of `input_scales` (x the demo's
+    input sizes) VFNet at anchor scales 8 and 4, FCOS and RetinaNet. `study`: the runs' study
+    name and output prefix.
     """
     cfg = load_d2_recipe()
     runs = []
+
+    def add(framework, detector, seed, variant, argv_of):
+        out = plan.out(study, "d2" if framework == "detectron2" else framework, detector, seed, variant)
+        runs.append(Run(study, framework, detector, seed, argv_of(out), out, variant))
+
     for s in seeds:
         for scale in (1.0, *input_scales):
             sizes = scaled_sizes(cfg, scale) if scale != 1.0 else {}
             tag = f"input x{scale:g}" if scale != 1.0 else ""
             for a in anchor_scales if scale == 1.0 else (8, 4):
-                variant = " ".join(p for p in (f"anchor {a}", tag) if p)
-                out = plan.out("small", "d2", "VFNet", s, variant)
                 opts = ["MODEL.VFNET.ATSS.ANCHOR_SCALE", str(a), *_yaml_opts(sizes)]
-                runs.append(Run("small", "detectron2", "VFNet", s, plan.d2_argv(s, out, opts), out, variant))
-            out = plan.out("small", "d2", "FCOS", s, tag)
-            runs.append(Run("small", "detectron2", "FCOS", s, plan.d2_fcos_argv(s, out, _lazy_opts(sizes)), out, tag))
-            out = plan.out("small", "d2", "RetinaNet", s, tag)
-            runs.append(Run("small", "detectron2", "RetinaNet", s,
-                            plan.d2_retinanet_argv(s, out, _yaml_opts(sizes)), out, tag))  # fmt: skip
+                add("detectron2", "VFNet", s, " ".join(p for p in (f"anchor {a}", tag) if p),
+                    lambda out, opts=opts: plan.d2_argv(s, out, opts))  # fmt: skip
+            if scale == 1.0:
+                add("detectron2", "VFNet", s, "norm stride",
+                    lambda out: plan.d2_argv(s, out, ["MODEL.VFNET.BBOX_NORM_TYPE", "stride"]))  # fmt: skip
+            add("detectron2", "FCOS", s, tag, lambda out: plan.d2_fcos_argv(s, out, _lazy_opts(sizes)))
+            if retinanet:
+                add("detectron2", "RetinaNet", s, tag, lambda out: plan.d2_retinanet_argv(s, out, _yaml_opts(sizes)))
             if scale == 1.0:
                 for a in mmdet_anchor_scales:
-                    variant = f"anchor {a}"
-                    out = plan.out("small", "mmdet", "VFNet", s, variant)
-                    runs.append(Run("small", "mmdet", "VFNet", s, plan.mmdet_argv("VFNet", s, out, anchor_scale=a), out, variant))
-                out = plan.out("small", "mmdet", "FCOS", s)
-                runs.append(Run("small", "mmdet", "FCOS", s, plan.mmdet_argv("FCOS", s, out), out))
+                    add("mmdet", "VFNet", s, f"anchor {a}", lambda out, a=a: plan.mmdet_argv("VFNet", s, out, anchor_scale=a))
+                add("mmdet", "FCOS", s, "", lambda out: plan.mmdet_argv("FCOS", s, out))
     return runs
 
 
@@ -668,9 +672,10 @@ def verdict(summary: Mapping, study: str = "parity", detector: str = "VFNet") ->
 
 
 # ----------------------------------------------------------------------------- data, tables
-# The small-object case: the shapes demo's generator and image sizes (96-128 px), with 1 to 8
+# The small-object cases: the shapes demo's generator and image sizes (96-128 px). "small": 1 to 8
 # objects per image whose longer box side is 8 px up to 0.156 x the shorter image side (15-20
-# px), every box "small" in COCO's sense (area under 32 x 32).
+# px), every box "small" in COCO's sense (area under 32 x 32); "small_12_40": 1 to 6 objects of
+# 12 px up to 0.32 x the shorter side (31-41 px).
 SMALL_SHAPES_PARAMS = {
     "image_size": (96, 128),
     "min_object_size": 8,
@@ -682,6 +687,10 @@ SMALL_SHAPES_PARAMS = {
     "max_box_iou": 0.2,
     "empty_prob": 0.0,
     "backgrounds": ("noise", "gradient"),
+}
+SMALL_OBJECT_SETS = {
+    "small": SMALL_SHAPES_PARAMS,
+    "small_12_40": dict(SMALL_SHAPES_PARAMS, min_object_size=12, max_object_frac=0.32, max_objects=6),
 }
 
 

@@ -7,8 +7,8 @@ shapes demo's), in the MMDetection parity environment (tools/install.sh --parity
             (converted for this project): the loss curves and AP, and the verdict
   ordering  MMDetection's FCOS and ATSS; Detectron2's FCOS and this project's VFNet with the
             paper's Table 3 rows (raw VFNet = ATSS without centerness, +VFL, +star DCN, VFNet)
-  small     a small-object shapes set (8-20 px): VFNet against the ATSS anchor scale and the
-            input scale, beside FCOS and RetinaNet, in both frameworks
+  small     small-object shapes sets (8-20 px, and 12-40 px): VFNet against the ATSS anchor
+            scale (and the input scale), beside FCOS and RetinaNet, in both frameworks
 
     python tools/compare_mmdet_runs.py --studies parity --seeds 0 1 2 --jobs 2 --threads 1
     python tools/compare_mmdet_runs.py --studies ordering small --seeds 0 1 2 --jobs 2 --threads 1
@@ -32,7 +32,7 @@ from vfnet.data.shapes import ensure_shapes_dataset  # noqa: E402
 from dev.loss_comparison import run_all  # noqa: E402
 from dev.mmdet_whole_run import (  # noqa: E402
     DEMO_CONFIG,
-    SMALL_SHAPES_PARAMS,
+    SMALL_OBJECT_SETS,
     Plan,
     format_table,
     format_verdict,
@@ -93,8 +93,9 @@ def main(argv=None):
         shapes = ensure_shapes_dataset(os.path.join(ROOT, default_shapes_root()), **SHAPES_PARAMS)
         data = {"demo": (shapes["train"], shapes["val"])}
     if "small" in args.studies:
-        small = ensure_shapes_dataset(os.path.join(ROOT, default_shapes_root() + "_small"), **SMALL_SHAPES_PARAMS)
-        data["small"] = (small["train"], small["val"])
+        for name, params in SMALL_OBJECT_SETS.items():
+            small = ensure_shapes_dataset(os.path.join(ROOT, f"{default_shapes_root()}_{name}"), **params)
+            data[name] = (small["train"], small["val"])
     with open(data["demo"][0][0]) as f:
         classes = tuple(c["name"] for c in sorted(json.load(f)["categories"], key=lambda c: c["id"]))
     opts = SMOKE_OPTS if args.smoke else ()
@@ -109,6 +110,8 @@ def main(argv=None):
         runs += ordering_runs(plans["demo"], args.seeds, table3=not args.no_table3)
     if "small" in args.studies:
         runs += small_object_runs(plans["small"], args.small_seeds)
+        runs += small_object_runs(plans["small_12_40"], args.small_seeds, "small_12_40", anchor_scales=(8, 4, 2),
+                                  input_scales=(), retinanet=False)  # fmt: skip
     if args.dry_run:
         for run in runs:
             print("python " + " ".join(f'"{a}"' if any(c in a for c in " ()[]'") else a for a in run.argv))
@@ -138,7 +141,8 @@ def main(argv=None):
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     for study in args.studies:
-        print(f"\n{study}:\n{format_table(summary, study)}")
+        for name in (s for s in sorted({r.study for r in runs}) if s.startswith(study)):
+            print(f"\n{name}:\n{format_table(summary, name)}")
     if "parity" in args.studies:
         try:
             rows = verdict(summary)

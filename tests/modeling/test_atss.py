@@ -360,3 +360,40 @@ def test_matches_loop_reference_with_conflicts():
             break
     assert compared == 5
     assert conflicts > 0
+
+
+def scaled_anchors(scale, strides=(8, 16, 32, 64, 128), size=(96, 128)):
+    """One square anchor of side scale x stride per location of each level of a 96 x 128 image."""
+    anchors, nums = [], []
+    for s in strides:
+        ys, xs = torch.meshgrid(torch.arange(-(-size[0] // s)) * s, torch.arange(-(-size[1] // s)) * s, indexing="ij")
+        c = torch.stack([xs.flatten(), ys.flatten()], 1).float()
+        anchors.append(torch.cat([c - scale * s / 2, c + scale * s / 2], 1))
+        nums.append(len(c))
+    return torch.cat(anchors), nums
+
+
+def random_boxes(g, n, lo, hi, size=(96, 128)):
+    side = torch.rand(n, 2, generator=g) * (hi - lo) + lo
+    x0 = torch.rand(n, generator=g) * (size[1] - side[:, 0])
+    y0 = torch.rand(n, generator=g) * (size[0] - side[:, 1])
+    return torch.stack([x0, y0, x0 + side[:, 0], y0 + side[:, 1]], 1)
+
+
+def test_anchor_scale_does_not_change_the_assignment_of_boxes_inside_every_candidate():
+    """
+    A box that lies inside each of its candidate anchors has IoU box area / anchor area with
+    each; scaling every anchor by k scales every IoU by 1 / k**2, the threshold (mean + std) too:
+    the same positives. Boxes of 4-12 px against anchors of 4 or 8 strides (32 or 64 px on P3)
+    are such boxes (docs/SMALL_OBJECTS.md: the measured AP is the same at every scale); boxes of
+    24-40 px are not, and their positives change.
+    """
+    g = torch.Generator().manual_seed(0)
+    small, large = random_boxes(g, 50, 4, 12), random_boxes(g, 50, 24, 40)
+    a8, nums = scaled_anchors(8)
+    a4, _ = scaled_anchors(4)
+    matcher = ATSSMatcher(9, 0)
+    for box in small:
+        assert torch.equal(matcher(a8, nums, box[None], (96, 128)), matcher(a4, nums, box[None], (96, 128)))
+    changed = sum(not torch.equal(matcher(a8, nums, b[None], (96, 128)), matcher(a4, nums, b[None], (96, 128))) for b in large)
+    assert changed > 10, changed
