@@ -58,7 +58,11 @@ setup(
     extras_require={
         # ONNX export: DeformConv (opset 19) runs in onnxruntime releases of 2026 and later.
         "export": ["onnx>=1.14", "onnxruntime>=1.17"],
-        # The tests: scipy's distributions (the init tests), onnxscript (the dynamo exporter).
+        # Deploying on CPUs (vfnet.export.runtime): the export, OpenVINO, and NNCF for OpenVINO's
+        # int8 (post-training quantization, dev/benchmark_export.py).
+        "deploy": ["onnx>=1.14", "onnxruntime>=1.17", "openvino>=2024.0", "nncf>=2.10"],
+        # The tests: scipy's distributions (the init tests), onnxscript (the dynamo exporter),
+        # OpenVINO (the exported models' parity in it).
         "dev": [
             "pytest>=7",
             "hypothesis>=6.0",
@@ -66,6 +70,7 @@ setup(
             "onnx>=1.14",
             "onnxruntime>=1.17",
             "onnxscript>=0.1",
+            "openvino>=2024.0",
         ],
     },
 )

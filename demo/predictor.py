@@ -17,6 +17,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from vfnet.checkpoint.detection_checkpoint import VFNetCheckpointer
+from vfnet.export import resize_for_test
 
 
 def dataset_class_names(dataset_name: str) -> Optional[List[str]]:
@@ -58,6 +59,21 @@ class Predictor(DefaultPredictor):
         without_weights.MODEL.WEIGHTS = ""
         super().__init__(without_weights)
         VFNetCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+
+    def batch(self, original_images: List[np.ndarray]) -> List[dict]:
+        """
+        What `__call__` returns for each BGR (H, W, 3) image, from one forward of them all: the
+        model pads the images to one size, the largest, so that an image's detections equal those
+        it gets alone where all have one size (video frames), and may differ near its border
+        otherwise (as in any Detectron2 batch).
+        """
+        cfg = self.cfg.INPUT
+        inputs = []
+        for image in original_images:
+            x = resize_for_test(image, cfg.MIN_SIZE_TEST, cfg.MAX_SIZE_TEST, self.input_format)
+            inputs.append({"image": x.to(self.cfg.MODEL.DEVICE), "height": image.shape[0], "width": image.shape[1]})
+        with torch.no_grad():
+            return self.model(inputs)
 
 
 class VisualizationDemo:

@@ -359,6 +359,47 @@ def assert_same_detections(eager, exported):
     torch.testing.assert_close(exported.scores, eager.scores, rtol=0, atol=1e-4)
 
 
+class StarDeformConv(torch.nn.Module):
+    """A VFNet star deformable conv (optionally modulated) of kernel `impl` on random distances (the export tests)."""
+
+    def __init__(self, impl, modulated):
+        from vfnet.layers.deform_conv import DeformConv2d
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = DeformConv2d(8, 6, 3, padding=1, bias=True, impl=impl)
+        torch.nn.init.normal_(self.conv.bias)
+        self.modulated = modulated
+
+    def forward(self, x, distances):
+        from vfnet.modeling.star_dcn import star_dcn_offsets
+
+        offsets = star_dcn_offsets(distances, 0.1, 8)
+        mask = torch.sigmoid(distances[:, :1].repeat(1, 9, 1, 1) / 20) if self.modulated else None
+        return self.conv(x, offsets, mask)
+
+
+def star_inputs(h=7, w=9):
+    """The input (1, 8, h, w) and distances (1, 4, h, w) of a StarDeformConv."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(1, 8, h, w, generator=g), torch.rand(1, 4, h, w, generator=g) * 40
+
+
+def export_torchvision_star_deform_conv(path, modulated):
+    """A "torchvision" StarDeformConv exported to ONNX DeformConv (opset 19, inputs x and d of dynamic size) at `path`; returns it."""
+    from vfnet import export as E
+    from vfnet.export.tracing import _quiet_tracing
+
+    module = StarDeformConv("torchvision", modulated).eval()
+    E.register_deform_conv_onnx_symbolic(19)
+    with _quiet_tracing():
+        torch.onnx.export(
+            module, star_inputs(), path, dynamo=False, opset_version=19, input_names=["x", "d"],
+            dynamic_axes={"x": {2: "h", 3: "w"}, "d": {2: "h", 3: "w"}},
+        )  # fmt: skip
+    return module
+
+
 # Detectron2's deformable-conv CUDA kernel on the CPU: what it asserts, computed by torchvision.
 from torchvision.ops import deform_conv2d  # noqa: E402
 

@@ -109,6 +109,23 @@ def test_the_demos_predictor_loads_an_mmdetection_checkpoint_as_it_is(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in served.items() if not k.endswith("num_batches_tracked"))
 
 
+def test_the_demos_predictor_takes_a_list_of_images():
+    """One forward of frames of one size: each frame's detections are those it gets alone."""
+    load_demo()  # (puts demo/ on the path)
+    from predictor import Predictor
+
+    torch.manual_seed(0)
+    predictor = Predictor(small_cfg("MODEL.VFNET.TEST_SCORE_THRESH", "0.0"))
+    frames = [np.random.RandomState(i).randint(0, 256, (90, 120, 3), dtype=np.uint8) for i in range(3)]
+    batch = predictor.batch(frames)
+    assert len(batch) == 3
+    for frame, out in zip(frames, batch):
+        alone = predictor(frame)["instances"]
+        assert out["instances"].image_size == (90, 120) and len(alone) > 0
+        torch.testing.assert_close(out["instances"].pred_boxes.tensor, alone.pred_boxes.tensor, rtol=0, atol=1e-3)
+        torch.testing.assert_close(out["instances"].scores, alone.scores, rtol=0, atol=1e-5)
+
+
 def test_expand_inputs(tmp_path):
     demo = load_demo()
     for name in ("b.jpg", "a.PNG", "c.txt"):

@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """
-Export a trained VFNet to TorchScript or ONNX with Detectron2's tracing (`TracingAdapter`, the
-"tracing" method of Detectron2's tools/deploy/export_model.py). The exported graph takes one
-resized image and returns its final detections (post-processing and NMS included); see
-`vfnet/export/` for the interface.
+Export a trained VFNet to TorchScript, ONNX or OpenVINO with Detectron2's tracing
+(`TracingAdapter`, the "tracing" method of Detectron2's tools/deploy/export_model.py). The
+exported graph takes one resized image and returns its final detections (post-processing and NMS
+included); see `vfnet/export/` for the interface.
 
     python tools/export_model.py --config-file configs/VFNet_R_50_FPN_1x.yaml \
         --format onnx --output exported/ MODEL.WEIGHTS output/model_final.pth
     python tools/export_model.py --config-file CONFIG --format torchscript --output exported/ \
         --sample-image image.jpg MODEL.WEIGHTS model_final.pth
+    python tools/export_model.py --config-file CONFIG --format openvino --run-eval \
+        --output exported/ MODEL.WEIGHTS model_final.pth
 
-Writes OUTPUT/model.ts or OUTPUT/model.onnx, and OUTPUT/export_info.json (inputs, outputs, test
-resize, pixel format, class names) which `vfnet.export.ExportedPredictor` reads.
+Writes OUTPUT/model.ts, OUTPUT/model.onnx or OUTPUT/model.xml (+ model.bin), and
+OUTPUT/export_info.json (inputs, outputs, test resize, pixel format, class names) which
+`vfnet.export.ExportedPredictor` reads.
 """
 import argparse
 import logging
@@ -26,7 +29,7 @@ logger = logging.getLogger("vfnet.export_model")
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Export a VFNet to TorchScript or ONNX (tracing, post-processing included)."
+        description="Export a VFNet to TorchScript, ONNX or OpenVINO (tracing, post-processing included)."
     )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
     parser.add_argument(
@@ -69,6 +72,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="evaluate the exported model on DATASETS.TEST[0] with COCOEvaluator",
     )
     parser.add_argument(
+        "--runtime",
+        choices=vfnet_export.RUNTIMES,
+        default=None,
+        help="runtime of the check against the eager model and of --run-eval (default: torch for "
+        "TorchScript, onnxruntime for ONNX, OpenVINO for OpenVINO; ONNX runs in OpenVINO too)",
+    )
+    parser.add_argument(
         "opts",
         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth",
         default=None,
@@ -87,7 +97,7 @@ def main(argv=None):
         vfnet.register_coco_dataset(spec)
     cfg = vfnet_export.setup_cfg(args.config_file, args.opts, args.deform_conv)
     return vfnet_export.export_model(
-        cfg, args.output, args.format, args.sample_image, args.opset, args.run_eval
+        cfg, args.output, args.format, args.sample_image, args.opset, args.run_eval, args.runtime
     )
 
 

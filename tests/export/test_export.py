@@ -21,12 +21,11 @@ from detectron2.modeling import build_model  # noqa: E402
 import vfnet  # noqa: E402
 from vfnet import export as E  # noqa: E402
 from vfnet.export.tracing import _quiet_tracing as quiet_tracing  # noqa: E402
-from vfnet.layers.deform_conv import DeformConv2d  # noqa: E402
-from vfnet.modeling.star_dcn import star_dcn_offsets  # noqa: E402
 
 from helpers import BASE_CONFIG, RACCOON_IMAGES, ROOT  # noqa: E402
 from helpers import assert_same_detections, eager_predictions, spread_scores  # noqa: E402
 from helpers import SMALL as SMALL_MODEL  # noqa: E402
+from helpers import StarDeformConv, export_torchvision_star_deform_conv, star_inputs  # noqa: E402
 from helpers import small_cfg as small_model_cfg  # noqa: E402
 
 EXPORT_OPTS = [
@@ -70,27 +69,6 @@ def load_model(checkpoint, impl):
 # -------------------------------------------------------------------------------------------------
 
 
-class StarDeformConv(torch.nn.Module):
-    """A VFNet star deformable conv (optionally modulated) on random distances."""
-
-    def __init__(self, impl, modulated):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = DeformConv2d(8, 6, 3, padding=1, bias=True, impl=impl)
-        torch.nn.init.normal_(self.conv.bias)
-        self.modulated = modulated
-
-    def forward(self, x, distances):
-        offsets = star_dcn_offsets(distances, 0.1, 8)
-        mask = torch.sigmoid(distances[:, :1].repeat(1, 9, 1, 1) / 20) if self.modulated else None
-        return self.conv(x, offsets, mask)
-
-
-def star_inputs(h=7, w=9):
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(1, 8, h, w, generator=g), torch.rand(1, 4, h, w, generator=g) * 40
-
-
 def run_onnx(ort, path, inputs):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -100,15 +78,8 @@ def run_onnx(ort, path, inputs):
 @pytest.mark.parametrize("modulated", [False, True], ids=["dcn", "dcnv2"])
 def test_torchvision_deform_conv_exports_to_onnx_deformconv(tmp_path, modulated):
     onnx, ort = onnx_modules()
-    module = StarDeformConv("torchvision", modulated).eval()
-    E.register_deform_conv_onnx_symbolic(19)
     path = str(tmp_path / "dcn.onnx")
-    x, d = star_inputs()
-    with quiet_tracing():
-        torch.onnx.export(
-            module, (x, d), path, dynamo=False, opset_version=19, input_names=["x", "d"],
-            dynamic_axes={"x": {2: "h", 3: "w"}, "d": {2: "h", 3: "w"}},
-        )  # fmt: skip
+    module = export_torchvision_star_deform_conv(path, modulated)
     nodes = [n for n in onnx.load(path).graph.node if n.op_type == "DeformConv"]
     assert len(nodes) == 1 and len(nodes[0].input) == (5 if modulated else 4)
     attrs = {a.name: list(a.ints) or a.i for a in nodes[0].attribute}

@@ -5,6 +5,7 @@ written with export_info.json, checked against the eager model, optionally evalu
 import json
 import logging
 import os
+import tempfile
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -20,12 +21,13 @@ from ..checkpoint.detection_checkpoint import VFNetCheckpointer
 from ..config import add_vfnet_config
 from .deform_conv import deform_conv_impls
 from .predictor import ExportedPredictor, resize_for_test
+from .runtime import save_openvino
 from .tracing import OUTPUT_NAMES, export_onnx, export_torchscript, post_processing
 
 logger = logging.getLogger(__name__)
 
-# The exported model's file name in the output folder, per format.
-FILENAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+# The exported model's file name in the output folder, per format (OpenVINO: model.bin beside it).
+FILENAMES = {"torchscript": "model.ts", "onnx": "model.onnx", "openvino": "model.xml"}
 
 
 def setup_cfg(config_file: str, opts: Optional[Sequence[str]] = None, deform_conv: str = "sampling"):
@@ -123,6 +125,22 @@ def evaluate_exported(cfg, predictor: ExportedPredictor, output_dir: str):
     return metrics
 
 
+def export_openvino(model: nn.Module, image: Tensor, path: str, opset_version: Optional[int] = None) -> int:
+    """
+    Export `model` as :func:`export_onnx` does, then convert the ONNX graph into OpenVINO's
+    format: `path` (.xml) and its .bin. (OpenVINO's own conversion of the traced PyTorch model
+    gives other detections: it pads the image to a wrong size, see docs/GETTING_STARTED.md.)
+
+    Returns:
+        the ONNX opset used.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = os.path.join(tmp, "model.onnx")
+        opset = export_onnx(model, image, onnx_path, opset_version)
+        save_openvino(onnx_path, path)
+    return opset
+
+
 def export_model(
     cfg,
     output_dir: str,
@@ -130,17 +148,19 @@ def export_model(
     sample_image_path: Optional[str] = None,
     opset: Optional[int] = None,
     run_eval: bool = False,
+    runtime: Optional[str] = None,
 ):
     """
     Export the model of `cfg` (see :func:`setup_cfg`) with its MODEL.WEIGHTS as `fmt`
-    ("torchscript" or "onnx", ONNX opset `opset`, default as :func:`export_onnx`) to
-    `output_dir`, traced on `sample_image_path` (default: a random image of the test size), and
-    write export_info.json beside it. Then run the exported model on the traced image and log
+    ("torchscript", "onnx" or "openvino" (through ONNX), ONNX opset `opset`, default as
+    :func:`export_onnx`) to `output_dir`, traced on `sample_image_path` (default: a random image
+    of the test size), and write export_info.json beside it. Then run the exported model in
+    `runtime` (default: by its format, see :func:`open_runtime`) on the traced image and log
     how it compares with the eager model; with `run_eval` evaluate it on DATASETS.TEST[0].
 
     Returns:
         the COCO metrics with `run_eval`, else the contents of export_info.json; None when the
-        exported ONNX model cannot be run (onnxruntime is missing).
+        exported model cannot be run (its runtime is not installed).
     """
     PathManager.mkdirs(output_dir)
     model = build_model(cfg)
@@ -152,20 +172,25 @@ def export_model(
     used_opset = None
     if fmt == "torchscript":
         export_torchscript(model, image, path)
-    else:
+    elif fmt == "onnx":
         used_opset = export_onnx(model, image, path, opset)
+    else:
+        used_opset = export_openvino(model, image, path, opset)
     info = export_info(cfg, fmt, used_opset, deform_conv_impls(model), post_processing(model))
     with open(os.path.join(output_dir, "export_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     logger.info("Exported %s (%s deformable convs) to %s", fmt, cfg.MODEL.VFNET.DEFORM_CONV_IMPL, path)
 
     try:
-        predictor = ExportedPredictor(path, device=cfg.MODEL.DEVICE)
-    except ImportError as e:  # onnxruntime missing
+        predictor = ExportedPredictor(path, device=cfg.MODEL.DEVICE, runtime=runtime)
+    except ImportError as e:  # onnxruntime or openvino missing
         logger.warning("Cannot check the exported model: %s", e)
         return None
     num_eager, num_exported, err = compare_with_eager(model, predictor, image.cpu())
-    msg = f"sample image: eager model {num_eager} detections, exported {num_exported}, max box difference {err:.2e}"
+    msg = (
+        f"sample image: eager model {num_eager} detections, exported ({predictor.runtime.name}) "
+        f"{num_exported}, max box difference {err:.2e}"
+    )
     if num_eager != num_exported or err > 1e-2:
         logger.warning("The exported model differs from the eager one on the %s", msg)
     else:

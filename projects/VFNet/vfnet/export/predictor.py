@@ -1,6 +1,6 @@
 """
-Running an exported VFNet (TorchScript with torch, ONNX with onnxruntime) as Detectron2's
-`DefaultPredictor` runs the eager one.
+Running an exported VFNet (TorchScript with torch, ONNX with onnxruntime or OpenVINO, OpenVINO's
+format with OpenVINO: :mod:`.runtime`) as Detectron2's `DefaultPredictor` runs the eager one.
 """
 import json
 import os
@@ -13,7 +13,8 @@ from torch import Tensor
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from .tracing import OUTPUT_NAMES, POST_PROCESSING_KEY, apply_post_processing
+from .runtime import open_runtime
+from .tracing import apply_post_processing
 
 
 def outputs_to_instances(outputs: Sequence[Union[Tensor, np.ndarray]]) -> Instances:
@@ -25,17 +26,21 @@ def outputs_to_instances(outputs: Sequence[Union[Tensor, np.ndarray]]) -> Instan
 
 class ExportedPredictor:
     """
-    Run an exported VFNet (``model.ts`` or ``model.onnx``) like Detectron2's `DefaultPredictor`:
-    takes one BGR image (H, W, 3) uint8 array, resizes it as the test does, and returns
-    ``{"instances": Instances}`` in the original image's coordinates.
+    Run an exported VFNet (``model.ts``, ``model.onnx`` or ``model.xml``) like Detectron2's
+    `DefaultPredictor`: takes one BGR image (H, W, 3) uint8 array, resizes it as the test does,
+    and returns ``{"instances": Instances}`` in the original image's coordinates; :meth:`batch`
+    does so for a list of images.
 
     Args:
-        path: a ``.ts`` (TorchScript, run with torch) or ``.onnx`` file (run with onnxruntime).
+        path: a ``.ts`` (TorchScript, run with torch), ``.onnx`` (onnxruntime or OpenVINO) or
+            ``.xml`` file (OpenVINO, its ``.bin`` beside it).
         min_size_test, max_size_test, input_format: ``cfg.INPUT.{MIN,MAX}_SIZE_TEST`` and
             ``cfg.INPUT.FORMAT`` of the exported model; default: from ``export_info.json`` next to
             `path` (written by :func:`export_model`).
         providers: onnxruntime execution providers (default: CPU).
         device: where a TorchScript model runs: the device it was exported on (default "cpu").
+        runtime, precision, num_threads, num_streams: see :func:`open_runtime`; the runtime
+            defaults to torch, onnxruntime and OpenVINO for the three extensions.
     """
 
     def __init__(
@@ -46,6 +51,10 @@ class ExportedPredictor:
         input_format: Optional[str] = None,
         providers: Optional[List[str]] = None,
         device: str = "cpu",
+        runtime: Optional[str] = None,
+        precision: str = "f32",
+        num_threads: Optional[int] = None,
+        num_streams: Optional[int] = None,
     ):
         info = {}
         info_path = os.path.join(os.path.dirname(os.path.abspath(path)), "export_info.json")
@@ -57,46 +66,40 @@ class ExportedPredictor:
         self.input_format = input_format or info.get("input_format", "BGR")
         assert self.input_format in ("BGR", "RGB"), self.input_format
         self.path = path
-        if path.endswith(".onnx"):
-            import onnxruntime as ort
-
-            self.session = ort.InferenceSession(path, providers=providers or ["CPUExecutionProvider"])
-            self.ts_model = None
-            spec = self.session.get_modelmeta().custom_metadata_map.get(POST_PROCESSING_KEY)
-        else:
-            import torchvision  # noqa: F401  (its operators, for "torchvision" deformable convs)
-
-            self.session = None
-            self.device = torch.device(device)
-            extra = {POST_PROCESSING_KEY: ""}
-            self.ts_model = torch.jit.load(path, map_location=self.device, _extra_files=extra)
-            spec = extra[POST_PROCESSING_KEY] or None
+        self.runtime = open_runtime(path, runtime, device, providers, precision, num_threads, num_streams)
         # The post-processing the graph leaves out (soft-NMS), as stored in the file.
-        self.post_processing = json.loads(spec) if spec else None
+        self.post_processing = self.runtime.post_processing
 
     def run(self, image: Tensor) -> Instances:
         """The detections of the graph on one (3, H, W) float tensor, in its coordinates."""
-        if self.session is not None:
-            outputs = self.session.run(list(OUTPUT_NAMES), {"image": image.detach().cpu().numpy()})
-        else:
-            with torch.no_grad():
-                outputs = [x.cpu() for x in self.ts_model(image.to(self.device))]
-        return apply_post_processing(outputs_to_instances(outputs), self.post_processing)
+        return self.run_all([image])[0]
+
+    def run_all(self, images: Sequence[Tensor]) -> List[Instances]:
+        """:meth:`run` for each of `images` (OpenVINO runs `num_streams` of them at once)."""
+        outputs = self.runtime.run_all(images)
+        return [apply_post_processing(outputs_to_instances(out), self.post_processing) for out in outputs]
 
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         """Detectron2's model interface (for `inference_on_dataset`): resized images, height/width."""
         results = []
-        for x in batched_inputs:
-            inst = self.run(x["image"].float())
+        for x, inst in zip(batched_inputs, self.run_all([x["image"].float() for x in batched_inputs])):
             height = x.get("height", inst.image_size[0])
             width = x.get("width", inst.image_size[1])
             results.append({"instances": detector_postprocess(inst, height, width)})
         return results
 
     def __call__(self, original_image: np.ndarray) -> Dict[str, Instances]:
+        return self.batch([original_image])[0]
+
+    def batch(self, original_images: Sequence[np.ndarray]) -> List[Dict[str, Instances]]:
+        """The detections of each BGR (H, W, 3) image, as :meth:`__call__` returns them."""
+        return self.inference([self.test_input(image) for image in original_images])
+
+    def test_input(self, original_image: np.ndarray) -> Dict:
+        """A BGR (H, W, 3) image as the model's input: resized "image", original height, width."""
         height, width = original_image.shape[:2]
         image = resize_for_test(original_image, self.min_size_test, self.max_size_test, self.input_format)
-        return self.inference([{"image": image, "height": height, "width": width}])[0]
+        return {"image": image, "height": height, "width": width}
 
 
 def resize_for_test(original_image: np.ndarray, min_size_test: int, max_size_test: int, input_format: str = "BGR") -> Tensor:
