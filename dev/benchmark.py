@@ -2,13 +2,14 @@
 Speed and memory of VFNet against Detectron2's FCOS and RetinaNet, and ATSS's scaling (what
 tools/benchmark.py runs). Imports Detectron2.
 """
+import argparse
 import json
 import multiprocessing as mp
 import os
 import resource
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -95,6 +96,33 @@ def autocast(args):
     return torch.autocast(args.device, dtype=torch.float16 if args.device == "cuda" else torch.bfloat16)
 
 
+@contextmanager
+def float32_giou_loss():
+    """
+    Detectron2's dense box losses with fvcore's `giou_loss` on float32 boxes: the smallest
+    workaround that trains Detectron2's FCOS under autocast. Its `_dense_box_regression_loss`
+    (detectron2/modeling/box_regression.py, the "giou" branch) passes the predicted boxes,
+    which `Box2BoxTransformLinear.apply_deltas` builds as `zeros_like` of the head's bf16 (fp16)
+    deltas, with float32 targets to fvcore's `giou_loss`, whose line
+    `intsctk[mask] = (xkis2[mask] - xkis1[mask]) * (ykis2[mask] - ykis1[mask])`
+    (fvcore/nn/giou_loss.py:43) puts a float32 product into the bf16 `zeros_like(x1)`: "Index put
+    requires the source and destination dtypes match" (fvcore pull request 114). Only Detectron2's
+    name inside the measurement is replaced; VFNet's losses cast to float32 themselves.
+    """
+    from detectron2.modeling import box_regression
+
+    original = box_regression.giou_loss
+
+    def giou_loss(boxes1, boxes2, *args, **kwargs):
+        return original(boxes1.float(), boxes2.float(), *args, **kwargs)
+
+    box_regression.giou_loss = giou_loss
+    try:
+        yield
+    finally:
+        box_regression.giou_loss = original
+
+
 def timed(fn, args):
     """Median seconds of `fn()` over args.iters runs after args.warmup runs."""
     for _ in range(args.warmup):
@@ -148,6 +176,12 @@ def measure_inference(name, args):
 
 
 def measure_training(name, args):
+    """
+    The training step of model `name`: forward, backward and SGD step; with args.amp the forward
+    under autocast, as the trainers of SOLVER.AMP.ENABLED run it (bf16 on CPU without loss
+    scaling, as CPUAutocastTrainer; fp16 with a GradScaler on CUDA, as Detectron2's AMPTrainer),
+    for every model (FCOS with :func:`float32_giou_loss`).
+    """
     model = build(name, args.device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     h, w = args.train_size
@@ -168,7 +202,7 @@ def measure_training(name, args):
         optimizer.zero_grad(set_to_none=True)
 
     result = {}
-    with EventStorage(0):
+    with EventStorage(0), float32_giou_loss():
         result["total"] = timed(step, args)
         if name == "VFNet":
             result.update(vfnet_training_split(model, optimizer, batch, args))
@@ -278,13 +312,47 @@ def machine():
     }  # fmt: skip
 
 
-def ratio_rows(results):
-    """One row per model, in the order of `results`; the ratio to "VFNet" (R-50) where it ran."""
+def precision_name(precision, device):
+    """The name of a precision of --precisions in the tables: fp32, bf16 (CPU autocast), fp16 (CUDA)."""
+    if precision == "fp32":
+        return "fp32"
+    return "fp16" if device == "cuda" else "bf16"
+
+
+def ratio_rows(results, device):
+    """
+    One row per model and precision (`results`: {precision: {model: result}}), in the models'
+    order: s, peak memory, VFNet (R-50) / model of the same precision, the precision, and the
+    speed-up of autocast over fp32 where both ran.
+    """
     rows = []
-    for name, r in results.items():
-        ratio = f"{results['VFNet']['total'] / r['total']:.2f}" if "VFNet" in results else "-"
-        rows.append([name, f"{r['total']:.3f}", f"{r['peak_memory_mb']:.0f}", ratio])
+    first = next(iter(results.values()))
+    for name in first:
+        for precision, per_model in results.items():
+            r = per_model[name]
+            ratio = f"{per_model['VFNet']['total'] / r['total']:.2f}" if "VFNet" in per_model else "-"
+            speedup = "-"
+            if precision != "fp32" and "fp32" in results:
+                speedup = f"{results['fp32'][name]['total'] / r['total']:.2f}x"
+            rows.append([name, f"{r['total']:.3f}", f"{r['peak_memory_mb']:.0f}", ratio,
+                         precision_name(precision, device), speedup])  # fmt: skip
     return rows
+
+
+def measure_all(fn_name, args):
+    """{precision: {model: result}} of `fn_name` for every model and precision of `args`, each in
+    a fresh process, the precisions of a model one after the other."""
+    results = {p: {} for p in args.precisions}
+    for model in args.models:
+        for precision in args.precisions:
+            run_args = argparse.Namespace(**dict(vars(args), amp=precision == "amp"))
+            results[precision][model] = in_fresh_process(fn_name, (model,), run_args)
+    return results
+
+
+def report_key(section, precision):
+    """The JSON key of a section's results: "training" (fp32), "training_amp" (autocast)."""
+    return section if precision == "fp32" else f"{section}_amp"
 
 
 def run_benchmark(args):
@@ -295,34 +363,38 @@ def run_benchmark(args):
     report = {"machine": machine(), "args": vars(args)}
     print(f"Machine: {report['machine']}\n")
     mem = "peak GPU MB" if args.device == "cuda" else "peak RSS MB"
-    amp = " (AMP)" if args.amp else ""
+    header = ["VFNet / model", "precision", "speed-up over fp32"]
 
     if not args.skip_inference:
-        results = {m: in_fresh_process("measure_inference", (m,), args) for m in args.models}
-        report["inference"] = results
+        results = measure_all("measure_inference", args)
+        report.update({report_key("inference", p): r for p, r in results.items()})
         h, w = args.size
         where = f"the first image of '{args.images}'" if args.images else f"{h}x{w}"
-        print(table(f"Inference{amp}, batch 1, {where}, median s/image",
-                    ["model", "s/image", mem, "VFNet / model"], ratio_rows(results)))  # fmt: skip
+        print(table(f"Inference, batch 1, {where}, median s/image",
+                    ["model", "s/image", mem, *header], ratio_rows(results, args.device)))  # fmt: skip
         parts = ["backbone+FPN", "head", "post-processing"]
-        for name, v in results.items():
-            if name in VFNET_CONFIGS:  # each timed part alone (they need not add up to the total)
-                print(table(f"\n{name} inference split", ["part", "s", "share of the total"],
-                            [[k, f"{v[k]:.3f}", f"{v[k] / v['total']:.0%}"] for k in parts]) + "\n")  # fmt: skip
+        for precision, per_model in results.items():
+            for name, v in per_model.items():
+                if name in VFNET_CONFIGS:  # each timed part alone (they need not add up to the total)
+                    print(table(f"\n{name} inference split ({precision_name(precision, args.device)})",
+                                ["part", "s", "share of the total"],
+                                [[k, f"{v[k]:.3f}", f"{v[k] / v['total']:.0%}"] for k in parts]) + "\n")  # fmt: skip
 
     if not args.skip_training:
-        results = {m: in_fresh_process("measure_training", (m,), args) for m in args.models}
-        report["training"] = results
+        results = measure_all("measure_training", args)
+        report.update({report_key("training", p): r for p, r in results.items()})
         h, w = args.train_size
         where = f"images of '{args.images}'" if args.images else f"{h}x{w}, {args.train_boxes} boxes/image"
-        print(table(f"Training step{amp} (forward + backward + SGD step), batch {args.train_batch}, "
+        print(table(f"Training step (forward + backward + SGD step), batch {args.train_batch}, "
                     f"{where}, median s/iter",
-                    ["model", "s/iter", mem, "VFNet / model"], ratio_rows(results)))  # fmt: skip
-        if "VFNet" in results:
-            v = results["VFNet"]
-            parts = ["backbone", "head forward", "ATSS + targets", "losses", "backward + step"]
-            print(table("\nVFNet training split (timed part by part)", ["part", "s", "share of the sum"],
-                        [[k, f"{v[k]:.3f}", f"{v[k] / sum(v[p] for p in parts):.0%}"] for k in parts]) + "\n")  # fmt: skip
+                    ["model", "s/iter", mem, *header], ratio_rows(results, args.device)))  # fmt: skip
+        for precision, per_model in results.items():
+            if "VFNet" in per_model:
+                v = per_model["VFNet"]
+                parts = ["backbone", "head forward", "ATSS + targets", "losses", "backward + step"]
+                print(table(f"\nVFNet training split ({precision_name(precision, args.device)}, timed part by part)",
+                            ["part", "s", "share of the sum"],
+                            [[k, f"{v[k]:.3f}", f"{v[k] / sum(v[p] for p in parts):.0%}"] for k in parts]) + "\n")  # fmt: skip
 
     if not args.skip_scaling:
         by_boxes = {n: in_fresh_process("measure_atss", (n, tuple(args.atss_size)), args) for n in args.atss_boxes}

@@ -17,7 +17,6 @@ import json
 import statistics
 import time
 import traceback
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
@@ -273,28 +272,6 @@ def check_training(s):
 # 3. Speed
 
 
-@contextmanager
-def float32_giou_loss():
-    """
-    Detectron2's dense box losses with fvcore's `giou_loss` on float32 boxes: under autocast,
-    FCOS's predicted boxes are float16 (bfloat16) and its targets float32, and `giou_loss`
-    fails on the mix ("Index put requires the source and destination dtypes match";
-    fvcore pull request 114). VFNet's losses cast to float32 themselves.
-    """
-    from detectron2.modeling import box_regression
-
-    original = box_regression.giou_loss
-
-    def giou_loss(boxes1, boxes2, *args, **kwargs):
-        return original(boxes1.float(), boxes2.float(), *args, **kwargs)
-
-    box_regression.giou_loss = giou_loss
-    try:
-        yield
-    finally:
-        box_regression.giou_loss = original
-
-
 def measure_speed(fn, s):
     """`fn` (benchmark.measure_inference or measure_training) of each model, fp32 and AMP."""
     results = {}
@@ -302,8 +279,7 @@ def measure_speed(fn, s):
         results[name] = {}
         for precision in PRECISIONS:
             reset_memory(s["device"])
-            with float32_giou_loss():
-                results[name][precision] = fn(name, namespace(s, precision == "amp"))
+            results[name][precision] = fn(name, namespace(s, precision == "amp"))
     return results
 
 

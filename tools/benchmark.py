@@ -5,6 +5,8 @@ input), measured side by side in one run. Prints tables; --json and --plot save 
 
     python tools/benchmark.py                       # CPU, everything
     python tools/benchmark.py --device cuda --amp   # GPU, autocast
+    python tools/benchmark.py --precisions fp32 amp --skip-inference --skip-scaling
+                                                    # CPU training: fp32 and bf16 rows, speed-ups
     python tools/benchmark.py --skip-training --skip-scaling --iters 5
     python tools/benchmark.py --dataset mine=val.json:images/ --images mine   # real images
     python tools/benchmark.py --models VFNet VFNet-R2-101 VFNet-R2-101-DCN --size 800 1333 \
@@ -13,6 +15,10 @@ input), measured side by side in one run. Prints tables; --json and --plot save 
 Inputs are random images of --size / --train-size with --train-boxes random boxes, or, with
 --images NAME, the first images of a registered dataset (with their boxes for training), at
 their own size.
+
+Under autocast (--amp, --precisions amp) every model trains as SOLVER.AMP.ENABLED trains VFNet
+(on CPU: bf16, no loss scaling); Detectron2's FCOS needs one workaround there, fvcore's GIoU loss
+on float32 boxes (dev/benchmark.py: float32_giou_loss, where its training fails and why).
 
 Each measurement runs in a fresh process, so that its peak memory (RSS on CPU,
 torch.cuda.max_memory_allocated on GPU) is its own. All models have random weights; their score
@@ -33,7 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted({*MODELS, *VFNET_CONFIGS}),
                    help="models to measure, in the tables' order (VFNet: R-50; VFNet-R2-101[-DCN]: Res2Net-101)")
-    p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU): --precisions amp")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "amp"],
+                   help="the precisions to measure, each model in each (default: fp32, or amp with --amp); "
+                        "'fp32 amp' gives the fp32 and autocast rows side by side with the speed-up")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     p.add_argument("--size", type=int, nargs=2, default=[800, 1216], metavar=("H", "W"), help="inference input")
     p.add_argument("--train-size", type=int, nargs=2, default=[512, 768], metavar=("H", "W"))
@@ -57,7 +66,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    run_benchmark(parse_args(argv))
+    args = parse_args(argv)
+    args.precisions = args.precisions or ["amp" if args.amp else "fp32"]
+    run_benchmark(args)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,9 @@ train = dict(
     # torchvision's ImageNet ResNet-50, downloaded and converted on first use.
     init_checkpoint="vfnet://ImageNetPretrained/resnet50",
     max_iter=87960,
-    amp=dict(enabled=False),
+    # AMP (Detectron2's key) and its dtype, as SOLVER.AMP.DTYPE: "auto" is float16 on CUDA,
+    # bfloat16 on CPU.
+    amp=dict(enabled=False, dtype="auto"),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=0,  # 0: at the end only (TEST.EVAL_PERIOD)

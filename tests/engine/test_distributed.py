@@ -1,4 +1,5 @@
-"""Training under Detectron2's launcher (DDP, gloo on CPU) equals training in one process."""
+"""Training under Detectron2's launcher (DDP, gloo on CPU) equals training in one process; it trains
+under CPU bf16 autocast too."""
 import os
 import subprocess
 import sys
@@ -51,7 +52,15 @@ def test_one_sgd_step_on_two_workers_equals_one_process(tmp_path):
         assert difference <= 10 * max(spread, 1e-16), (difference, spread)
 
 
-def test_train_net_runs_two_cpu_workers_and_writes_a_checkpoint(tmp_path):
+# Open (2026-12-06): under bf16 autocast this 2-worker run's first step gives a non-finite
+# gradient of backbone.top_block.p7.weight (NaN loss at iteration 1, with SGD and AdamW), which
+# no single-process step on its four images gives, nor a 2-worker step of the bare trainer on two
+# of them without flips (not yet located).
+BF16_DDP_OPEN = pytest.mark.xfail(strict=True, reason="bf16 DDP: non-finite p7 gradient, open")
+
+
+@pytest.mark.parametrize("amp", [False, pytest.param(True, marks=BF16_DDP_OPEN)], ids=["fp32", "bf16-autocast"])
+def test_train_net_runs_two_cpu_workers_and_writes_a_checkpoint(tmp_path, amp):
     from vfnet.data.shapes import generate_split
 
     for split, n in (("train", 4), ("val", 2)):
@@ -68,10 +77,15 @@ def test_train_net_runs_two_cpu_workers_and_writes_a_checkpoint(tmp_path):
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3",
         "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "80",
         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "80", "OUTPUT_DIR", str(out),
+        "SOLVER.AMP.ENABLED", str(amp),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "on 2 devices" in proc.stdout + proc.stderr
     ckpt = torch.load(out / "model_final.pth", weights_only=False)
     assert ckpt["iteration"] == 2
-    assert (out / "log.txt.rank1").exists()
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}
+    # SOLVER.AMP.ENABLED on CPU workers: both train under bf16 autocast (CPUAutocastTrainer).
+    autocast = "Training under torch.autocast('cpu', dtype=torch.bfloat16)."
+    for log in (out / "log.txt", out / "log.txt.rank1"):
+        assert (autocast in log.read_text()) is amp, log

@@ -3,6 +3,7 @@ The LazyConfig configs (configs/lazy/) against their YAML counterparts, and
 tools/lazyconfig_train_net.py end to end on a tiny dataset.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -276,3 +277,19 @@ def test_lazy_vfnet_shapes_demo_trains_and_evaluates(tiny, tmp_path):
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert (out / "config.yaml").exists() and (out / "detections.png").exists()
     assert "Pictures: " in log
+
+
+def test_lazy_train_amp_trains_under_cpu_bf16_autocast(tiny, tmp_path):
+    out = tmp_path / "vfnet_amp"
+    log = lazy_train_net(
+        "vfnet_shapes_demo.py", tiny, out, "train.max_iter=2", "train.gallery.num_images=0",
+        "train.amp.enabled=True",
+    )  # fmt: skip
+    assert "Training under torch.autocast('cpu', dtype=torch.bfloat16)." in log
+    ckpt = checkpoint(out / "model_final.pth")
+    assert ckpt["iteration"] == 1
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}
+    assert all(map(math.isfinite, (r["total_loss"] for r in metrics(out) if "total_loss" in r)))
+    with pytest.raises(AssertionError, match="train.amp.dtype is 'float16', which trains on CUDA only"):
+        lazy_train_net("vfnet_shapes_demo.py", tiny, tmp_path / "fp16", "train.max_iter=2",
+                       "train.amp.enabled=True", "train.amp.dtype=float16")  # fmt: skip

@@ -2,9 +2,12 @@
 vfnet/engine/train_loop.py: the check of the losses costs what Detectron2's own trainer's costs
 when everything is finite (one collective, one host read per loss, no search for the culprit),
 records the same metrics, stops with the image's name when a loss is not finite; importing
-vfnet changes nothing in Detectron2.
+vfnet changes nothing in Detectron2. AMP: the trainer SOLVER.AMP.* picks on each device, CPU bf16
+autocast (its convolutions in bf16, its weights in float32), the warning on a CPU without native
+bf16.
 """
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -158,3 +161,139 @@ def test_importing_vfnet_changes_nothing_in_detectron2():
                           capture_output=True, text=True, cwd="/")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+# --- AMP: CPU bf16 autocast, Detectron2's AMPTrainer on CUDA ----------------------------------------
+
+from vfnet.engine.train_loop import CPUAutocastTrainer, build_trainer, has_native_bf16  # noqa: E402
+
+# torch.cpu.get_capabilities() of CPUs with and without native bf16 (the features lscpu names).
+ZEN2 = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
+SAPPHIRE_RAPIDS = dict(ZEN2, avx512_f=True, avx512_bf16=True, amx_bf16=True, amx_tile=True)
+ZEN4 = dict(ZEN2, avx512_f=True, avx512_bf16=True)
+GRAVITON3 = {"architecture": "aarch64", "neon": True, "bf16": True}
+
+
+@pytest.mark.parametrize(
+    "capabilities, native",
+    [(ZEN2, False), (SAPPHIRE_RAPIDS, True), (ZEN4, True), (GRAVITON3, True),
+     ({"architecture": "aarch64", "neon": True}, False)],
+    ids=["zen2", "sapphire-rapids", "zen4", "graviton3", "arm-without-bf16"],
+)  # fmt: skip
+def test_native_bf16_is_avx512_bf16_amx_bf16_or_arm_bf16(capabilities, native):
+    assert has_native_bf16(capabilities) is native
+
+
+@pytest.mark.parametrize(
+    "device, amp, dtype, trainer_class, precision",
+    [("cpu", False, "auto", SimpleTrainer, None), ("cpu", True, "auto", CPUAutocastTrainer, torch.bfloat16),
+     ("cpu", True, "bfloat16", CPUAutocastTrainer, torch.bfloat16),
+     ("cuda", True, "auto", AMPTrainer, torch.float16), ("cuda:0", True, "bfloat16", AMPTrainer, torch.bfloat16)],
+)  # fmt: skip
+def test_the_trainer_of_solver_amp_per_device(device, amp, dtype, trainer_class, precision):
+    # Built, not run: Detectron2's AMPTrainer runs on CUDA only.
+    model = Toy()
+    trainer = build_trainer(model, batches(1), torch.optim.SGD(model.parameters(), lr=0.1), device, amp, dtype)
+    assert type(trainer) is trainer_class
+    assert getattr(trainer, "precision", None) == precision
+    if trainer_class is AMPTrainer and precision == torch.bfloat16:
+        assert not trainer.grad_scaler.is_enabled()  # bf16 needs no loss scaling
+
+
+def test_nothing_trains_under_autocast_unless_asked():
+    from detectron2.config import get_cfg
+
+    import vfnet
+
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    assert (cfg.SOLVER.AMP.ENABLED, cfg.SOLVER.AMP.DTYPE) == (False, "auto")
+    model = Toy()
+    trainer = build_trainer(model, batches(1), torch.optim.SGD(model.parameters(), lr=0.1), "cpu")
+    assert type(trainer) is SimpleTrainer
+
+
+@pytest.mark.parametrize(
+    "device, dtype, key, message",
+    [("cpu", "float64", "SOLVER.AMP.DTYPE", r"SOLVER.AMP.DTYPE must be one of \('auto', 'bfloat16', 'float16'\), got 'float64'"),
+     ("cpu", "float16", "SOLVER.AMP.DTYPE", "SOLVER.AMP.DTYPE is 'float16', which trains on CUDA only"),
+     ("cpu", "half", "train.amp.dtype", "train.amp.dtype must be one of")],
+)  # fmt: skip
+def test_an_amp_dtype_the_device_cannot_train_in_is_refused_by_its_key(device, dtype, key, message):
+    model = Toy()
+    with pytest.raises(ValueError, match=message):
+        build_trainer(model, batches(1), torch.optim.SGD(model.parameters(), lr=0.1), device, True, dtype, key)
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("capabilities", [ZEN2, SAPPHIRE_RAPIDS], ids=["zen2", "sapphire-rapids"])
+def test_bf16_training_warns_once_on_a_cpu_without_native_bf16(capabilities, monkeypatch):
+    # The CPU is simulated: the capabilities torch reads from cpuinfo.
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    handler = Records()
+    log = logging.getLogger("vfnet.engine.train_loop")
+    log.addHandler(handler)
+    try:
+        model = Toy()
+        trainer = build_trainer(model, batches(3), torch.optim.SGD(model.parameters(), lr=0.1), "cpu", True)
+        trainer.train(0, 3)
+    finally:
+        log.removeHandler(handler)
+    warnings = [r.getMessage() for r in handler.records if r.levelno == logging.WARNING]
+    if capabilities is ZEN2:
+        assert len(warnings) == 1, warnings
+        assert "on a CPU without native bf16" in warnings[0] and "slower than float32" in warnings[0]
+        assert "avx512_bf16, amx_bf16" in warnings[0] and "SOLVER.AMP.ENABLED False" in warnings[0]
+    else:
+        assert warnings == []
+
+
+def test_a_bf16_training_step_runs_its_convolutions_in_bf16_and_keeps_float32_weights():
+    # Not silently float32: every convolution of the step, forward and backward, runs on bf16
+    # operands (oneDNN's bf16 kernels); the parameters, their gradients and the optimizer's
+    # state are float32.
+    import itertools
+
+    from detectron2.modeling import build_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from helpers import small_cfg, training_batch
+
+    class Convolutions(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("convolution", "convolution_backward"):
+                self.dtypes.setdefault(name, []).append((args[0].dtype, args[1].dtype))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = build_model(small_cfg())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    trainer = build_trainer(model, itertools.repeat(training_batch()), optimizer, "cpu", True)
+    assert isinstance(trainer, CPUAutocastTrainer)
+    recorded = Convolutions()
+    with recorded:
+        trainer.train(0, 1)
+    forward, backward = recorded.dtypes["convolution"], recorded.dtypes["convolution_backward"]
+    # The backbone's, the FPN's, the head's and the deformable convs' 1x1 products.
+    assert len(forward) > 60 and len(backward) > 60
+    assert set(forward) == {(torch.bfloat16, torch.bfloat16)}
+    assert set(backward) == {(torch.bfloat16, torch.bfloat16)}
+    for key in ("loss_cls", "loss_bbox", "loss_bbox_refine"):
+        assert math.isfinite(trainer.storage.history(key).latest())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    state = [s["momentum_buffer"] for s in optimizer.state.values()]
+    assert state and {s.dtype for s in state} == {torch.float32}

@@ -1,7 +1,8 @@
 """
 Numerics at the sizes users run: every deformable-conv kernel under CPU bf16 autocast at P3 of an
-800x1333 image, the head under autocast on 800x1333 features, and non-finite offsets and images,
-which read zero or give no detection and never crash a process (run in child processes).
+800x1333 image (the CPU kernels' backward too), the head under autocast on 800x1333 features,
+and non-finite offsets and images, which read zero or give no detection and never crash a
+process (run in child processes).
 """
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 from torchvision.ops import deform_conv2d
 
 from vfnet.layers import DeformConv2d
+from vfnet.layers.deform_conv import deform_conv2d_by_gather, deform_conv2d_by_sampling
 
 from helpers import ROOT, training_batch  # noqa: E402
 SCRIPTS = os.path.join(ROOT, "tests", "scripts")
@@ -56,6 +58,47 @@ def test_every_kernel_under_bf16_autocast_at_p3_of_800x1333(impl, modulated):
         out = layer(x, offset, mask)
     assert out.shape == expected.shape
     assert relative_error(out, expected) < 1e-2  # bf16 rounding of the values: about 3e-3
+
+
+@pytest.fixture(scope="module")
+def smooth_p3():
+    """
+    P3 of an 800x1333 image (100 x 167, 256 channels) as a feature map is: smooth (noise upsampled
+    8x, bf16 values), offsets of a few pixels, a smooth upstream gradient; and torchvision's
+    float32 output and gradients of x, offsets and weight on these same values.
+    """
+    g = torch.Generator().manual_seed(0)
+    n, c, h, w = 1, 256, 100, 167
+    smooth = lambda k, f: torch.nn.functional.interpolate(  # noqa: E731
+        torch.randn(n, k, h // f + 1, w // f + 1, generator=g), size=(h, w), mode="bilinear"
+    )
+    x = (smooth(c, 8) + 1).bfloat16().float()
+    offset = torch.randn(n, 18, h, w, generator=g) * 4
+    weight = (torch.randn(c, c, 3, 3, generator=g) * 0.02).bfloat16().float()
+    upstream = smooth(c, 4)
+    tensors = [t.clone().requires_grad_() for t in (x, offset, weight)]
+    out = deform_conv2d(*tensors[:2], tensors[2], padding=1)
+    (out * upstream).sum().backward()
+    return (x, offset, weight, upstream), [out.detach()] + [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("impl", ["gather", "sampling"])
+def test_the_cpu_kernels_backward_under_bf16_autocast_at_p3_of_800x1333(impl, smooth_p3):
+    # Sampling positions, corners, indices and the bilinear mix stay float32 in the backward too:
+    # each gradient is within bf16 rounding of float32's (measured 1.5-2.6e-3). With the gather's
+    # mix in bf16, its backward rounded each corner's gradient before the differences of corners
+    # that make the offsets' gradient: 1.2e-2 on these smooth maps, and the input's 6.5e-3.
+    (x, offset, weight, upstream), expected = smooth_p3
+    tensors = [x.bfloat16().requires_grad_(), offset.clone().requires_grad_(), weight.clone().requires_grad_()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = (deform_conv2d_by_gather if impl == "gather" else deform_conv2d_by_sampling)(
+            tensors[0], tensors[1], tensors[2], padding=1
+        )
+    (out.float() * upstream).sum().backward()
+    assert out.dtype == torch.bfloat16 and tensors[1].grad.dtype == torch.float32
+    grads = [out] + [t.grad for t in tensors]
+    for name, ours, reference in zip(("output", "x", "offset", "weight"), grads, expected):
+        assert relative_error(ours, reference) < 5e-3, name
 
 
 @pytest.mark.skipif(not has_detectron2(), reason=NEEDS_DETECTRON2)

@@ -194,7 +194,7 @@ def add_augmentation_config(cfg):
 
 
 def add_solver_config(cfg):
-    """The optimizer and its parameter groups (vfnet/solver/build.py)."""
+    """The optimizer and its parameter groups (vfnet/solver/build.py), the dtype of AMP training."""
     # Which parameters SOLVER.BIAS_LR_FACTOR and SOLVER.WEIGHT_DECAY_BIAS apply to. "mmdet": as
     # the official VarifocalNet (mmcv's DefaultOptimizerConstructor with bias_lr_mult,
     # bias_decay_mult): the biases of the convs and linear layers; the norm layers' weights and
@@ -208,6 +208,11 @@ def add_solver_config(cfg):
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW's betas.
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    # The autocast dtype of SOLVER.AMP.ENABLED (Detectron2's key; vfnet/engine/train_loop.py):
+    # "auto" is float16 on CUDA (Detectron2's AMPTrainer, with its GradScaler) and bfloat16 on
+    # CPU (CPUAutocastTrainer: faster on CPUs with AMX or AVX-512 BF16, slower without them);
+    # "bfloat16" on CUDA trains without loss scaling; "float16" is for CUDA only.
+    cfg.SOLVER.AMP.DTYPE = "auto"
 
 
 def add_swa_config(cfg):

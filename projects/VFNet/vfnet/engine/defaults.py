@@ -28,7 +28,7 @@ from ..modeling.test_time_augmentation import VFNetWithTTA
 from ..solver import build_lr_scheduler, build_optimizer, swa_schedule
 from ..utils.gallery import write_gallery
 from .hooks import Pictures, StochasticWeightAveraging
-from .train_loop import AMPTrainer, SimpleTrainer
+from .train_loop import build_trainer
 
 __all__ = [
     "Trainer",
@@ -90,7 +90,7 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__'s steps, with this project's DDP wrapper (CPU workers too),
-        # train loop (vfnet/engine/train_loop.py) and checkpointer.
+        # train loop (vfnet/engine/train_loop.py: CPU bf16 autocast too) and checkpointer.
         check_datasets(cfg)
         schedule = swa_schedule(cfg)
         if schedule.epochs and schedule.epoch_iters != cfg.SOLVER.SWA.EPOCH_ITERS:
@@ -106,9 +106,10 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        self._trainer = build_trainer(
+            model, data_loader, optimizer, cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED,
+            cfg.SOLVER.AMP.DTYPE,
+        )  # fmt: skip
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = VFNetCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0

@@ -4,6 +4,8 @@ tools/lazyconfig_train_net.py: the config's `model`, `optimizer`, `dataloader.tr
 and `lr_multiplier` instantiated, SimpleTrainer or AMPTrainer, Detectron2's hooks, `train.*` as
 in Detectron2's configs/common/train.py), with this project's parts:
 
+* `train.amp.enabled` trains on CPU too, under bf16 autocast, and `train.amp.dtype` ("auto",
+  "bfloat16", "float16") picks the dtype as SOLVER.AMP.DTYPE does (`build_trainer`);
 * the checkpointer is :class:`VFNetCheckpointer` (atomic writes); the state of a resumable
   training loader (`build_resumable_train_loader`: its data seed) is in the checkpoints as
   "data_loader", and a resumed run goes on with the batches the interrupted one would have read;
@@ -39,7 +41,7 @@ from ..checkpoint.detection_checkpoint import VFNetCheckpointer, load_for_evalua
 from ..utils.gallery import write_dataset_gallery
 from .defaults import check_output_dir, create_ddp_model, register_datasets
 from .hooks import Pictures
-from .train_loop import AMPTrainer, SimpleTrainer
+from .train_loop import build_trainer
 
 __all__ = ["do_test", "do_train", "main", "setup", "unknown_override_keys"]
 
@@ -160,7 +162,11 @@ def do_train(args, cfg) -> Dict:
     train_loader = instantiate(cfg.dataloader.train)
 
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    amp = cfg.train.amp
+    trainer = build_trainer(
+        model, train_loader, optim, cfg.train.device, amp.enabled, amp.get("dtype", "auto"),
+        key="train.amp.dtype",
+    )  # fmt: skip
     # The resumable loader's batches are a function of the iteration and its seed.
     batch_sampler = getattr(train_loader, "batch_sampler", None)
     resumable = all(hasattr(batch_sampler, a) for a in ("start_iter", "state_dict"))

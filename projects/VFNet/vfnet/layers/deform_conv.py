@@ -125,16 +125,27 @@ def deform_conv2d_by_gather(
     indices, weights = bilinear_corners(py.permute(0, 2, 3, 1), px.permute(0, 2, 3, 1), h, w)
     if mask is not None:
         weights = weights * mask.permute(0, 2, 3, 1).reshape(-1, 1).to(weights.dtype)
-    table = x.permute(0, 2, 3, 1).contiguous().view(n * h * w, c)
-    weights = weights.to(table.dtype)
-    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, kk * c, 1, 1).to(table.dtype)
-    bias = None if bias is None else bias.to(table.dtype)
+    # The bilinear mix in float32 (or wider) when gradients are recorded, under autocast too: in
+    # bfloat16 its backward would round the gradient of each corner's weight before the
+    # differences of corners that make the offsets' gradient (5x its error on smooth maps), and
+    # sum the input's gradient in bfloat16. Without gradients (inference), in the input's dtype.
+    mix_dtype = x.dtype
+    if torch.is_grad_enabled() and (x.requires_grad or offset.requires_grad):
+        mix_dtype = torch.promote_types(x.dtype, torch.float32)
+    table = x.permute(0, 2, 3, 1).to(mix_dtype).contiguous().view(n * h * w, c)
+    weights = weights.to(mix_dtype)
+    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, kk * c, 1, 1)
+    if not torch.is_autocast_enabled(x.device.type):
+        # (Under autocast each chunk's convolution casts them, and the chunks' gradients add up
+        # in the weight's dtype.)
+        kernel, bias = kernel.to(x.dtype), None if bias is None else bias.to(x.dtype)
     step = max(1, chunk_bytes // (kk * c * table.element_size()))
     outs = []
     for start in range(0, n * h * w, step):
         rows = slice(start * kk, min(start + step, n * h * w) * kk)
         columns = F.embedding_bag(indices[rows], table, per_sample_weights=weights[rows], mode="sum")
-        columns = columns.view(1, -1, 1, kk * c).permute(0, 3, 1, 2)  # (1, k*k*C, L, 1) channels-last
+        # (1, k*k*C, L, 1) channels-last, in the input's dtype
+        columns = columns.to(x.dtype).view(1, -1, 1, kk * c).permute(0, 3, 1, 2)
         outs.append(F.conv2d(columns, kernel, bias).view(out_channels, -1).t())  # (L, O)
     return torch.cat(outs).view(n, h, w, out_channels).permute(0, 3, 1, 2)
 

@@ -190,8 +190,10 @@ class VFNetHead(nn.Module):
             x = x.contiguous(memory_format=memory_format)
             cls_feat = self.cls_tower(x)
             reg_feat = self.reg_tower(x)
-            box = self.reg_init(self.reg_init_conv(reg_feat)) * self.scales[i]
-            box = box.to(torch.promote_types(box.dtype, torch.float32)).exp()
+            # The distances from the convs' outputs on in float32 (or float64), under autocast
+            # too: the per-level scales, their gradients (sums over every location) and the exp.
+            box = self.reg_init(self.reg_init_conv(reg_feat))
+            box = (box.to(torch.promote_types(box.dtype, torch.float32)) * self.scales[i]).exp()
             box = box * self.box_normalizers[i]
             boxes_init.append(box)
             offsets = None
@@ -200,8 +202,7 @@ class VFNetHead(nn.Module):
                 offsets = star_dcn_offsets(box, self.gradient_mul, self.strides[i])
             if self.use_refine:
                 refine = self.reg_refine(self._star_conv(self.reg_refine_conv, reg_feat, offsets))
-                refine = refine * self.scales_refine[i]
-                refine = refine.to(box.dtype).exp()
+                refine = (refine.to(box.dtype) * self.scales_refine[i]).exp()
                 boxes_refine.append(refine * box.detach())
             logits.append(self.cls_score(self._star_conv(self.cls_conv, cls_feat, offsets)))
         return logits, boxes_init, boxes_refine
