@@ -1,8 +1,8 @@
-"""The fit of training boxes to the ATSS anchors (vfnet/modeling/anchor_fit.py), worked by hand."""
+"""The fit of training boxes to the finest level's grid (vfnet/modeling/anchor_fit.py), by hand."""
 import numpy as np
 import pytest
 
-from vfnet.modeling.anchor_fit import anchor_fit_warning, resized_box_sides, suggested_anchor_scale
+from vfnet.modeling.anchor_fit import anchor_fit_warning, resized_box_sides, suggested_input_scale
 
 
 def test_resized_box_sides_by_hand():
@@ -16,30 +16,30 @@ def test_resized_box_sides_by_hand():
     assert resized_box_sides(wh[1:], hw[1:], 600, 1333) == pytest.approx([40.0])
 
 
-@pytest.mark.parametrize("median, scale", [(9.0, 4), (13.0, 6), (16.5, 8), (7.0, 3), (5.0, 2), (2.0, 2)])
-def test_suggested_anchor_scale(median, scale):
-    """The largest measured scale whose P3 anchor (scale x 8 px) is at most 4 x the boxes'
-    median side: 4 x 9 = 36 >= 32 (scale 4), < 48; 4 x 13 = 52 >= 48 (6); 4 x 5 = 20 < 24 (2,
-    the smallest measured)."""
-    sides = np.full(11, median)
-    assert suggested_anchor_scale(sides, 8) == scale
+def test_suggested_input_scale_brings_the_quarter_quantile_to_1_5_strides():
+    """Sides 8 (x50) and 12 (x50): the 25% quantile is 8, and 1.5 x 8 px / 8 = 1.5x; sides 4 and 8:
+    3x; boxes already at 12 px or more: 1x."""
+    sides = np.repeat([8.0, 12.0], 50)
+    assert suggested_input_scale(np.repeat([4.0, 8.0], 50), 8) == pytest.approx(3.0)
+    assert suggested_input_scale(sides, 8) == pytest.approx(1.5)
+    assert suggested_input_scale(np.full(10, 30.0), 8) == 1.0
 
 
-def test_warning_names_the_share_the_key_and_the_value():
-    """60 boxes of side 9 and 40 of side 40 against the default anchor, 64 px on P3: 60% are
-    under 16 px; the median of those small ones is 9: ANCHOR_SCALE 4 is suggested."""
+def test_warning_names_the_share_the_keys_and_the_sizes():
+    """60 boxes of 9 px and 40 of 40 px: 60% under 1.5 x 8 = 12 px; the 25% quantile is 9, so
+    x12/9 = 1.33: 96 -> 128 and 128 -> 171 -> 192 (multiples of 32)."""
     sides = np.array([9.0] * 60 + [40.0] * 40)
-    message = anchor_fit_warning(sides, 8, 8, (96, 128))
-    assert "60% of the 100 training boxes are smaller than 16 px" in message
-    assert "MODEL.VFNET.ATSS.ANCHOR_SCALE 8 x stride 8" in message
-    assert "MODEL.VFNET.ATSS.ANCHOR_SCALE 4 (smallest anchor 32 px)" in message
+    message = anchor_fit_warning(sides, 8, (96, 128))
+    assert "60% of the 100 training boxes are under 12 px" in message
     assert "resize to 96, max 128" in message
+    assert "MODEL.VFNET.ATSS.ANCHOR_SCALE does not change that" in message
+    assert "about 1.3x: INPUT.MIN_SIZE_TRAIN (128,), MAX_SIZE_TRAIN 192, MIN_SIZE_TEST 128, MAX_SIZE_TEST 192" in message
 
 
 def test_no_warning_when_the_boxes_fit():
-    """25% under the limit is not more than the 25% allowed; no boxes, no warning."""
+    """25% under the limit is not more than the 25% allowed; no boxes, no warning; the same tiny
+    boxes against a stride of 4 (limit 6 px) fit."""
     sides = np.array([9.0] * 25 + [40.0] * 75)
-    assert anchor_fit_warning(sides, 8, 8, (96, 128)) is None
-    assert anchor_fit_warning(np.zeros(0), 8, 8, (96, 128)) is None
-    # The same boxes against a smaller anchor (32 px: limit 8 px) fit.
-    assert anchor_fit_warning(np.array([9.0] * 100), 4, 8, (96, 128)) is None
+    assert anchor_fit_warning(sides, 8, (96, 128)) is None
+    assert anchor_fit_warning(np.zeros(0), 8, (96, 128)) is None
+    assert anchor_fit_warning(np.full(100, 9.0), 4, (96, 128)) is None

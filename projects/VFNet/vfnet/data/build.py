@@ -19,7 +19,7 @@ from detectron2.data.samplers import (
 )
 from detectron2.utils import comm
 
-from .detection_utils import get_training_dataset_dicts, warn_if_boxes_miss_anchors
+from .detection_utils import get_training_dataset_dicts, warn_about_tiny_boxes
 from .samplers import ResumableBatchSampler
 
 __all__ = ["SeededMapDataset", "build_resumable_train_loader"]
@@ -90,7 +90,7 @@ def _train_loader_from_config(cfg, mapper: Callable[[dict], dict]) -> dict:
         min_size=cfg.DATALOADER.MIN_IMAGE_SIZE,
     )
     if cfg.MODEL.META_ARCHITECTURE == "VFNet":
-        warn_if_boxes_miss_anchors(cfg, dataset_dicts)
+        warn_about_tiny_boxes(cfg, dataset_dicts)
     return {
         "dataset": dataset_dicts,
         "mapper": mapper,

@@ -1,7 +1,7 @@
 """
 MMDetection's training-set filter (the official recipe) over Detectron2's dataset dicts, beside
 Detectron2's own (`filter_empty_annotations`, DATALOADER.FILTER_EMPTY_ANNOTATIONS); and the
-training boxes' fit to VFNet's ATSS anchors (:func:`warn_if_boxes_miss_anchors`).
+training boxes' fit to VFNet's finest level (:func:`warn_about_tiny_boxes`).
 
 MMDetection's CocoDataset (2.10 and 3.3 alike, ``filter_cfg=dict(filter_empty_gt=True,
 min_size=32)``) keeps the images that have at least one annotation in the file (crowd ones
@@ -29,7 +29,7 @@ __all__ = [
     "get_training_dataset_dicts",
     "is_valid_mmdet_annotation",
     "training_box_sides",
-    "warn_if_boxes_miss_anchors",
+    "warn_about_tiny_boxes",
 ]
 
 TRAIN_FILTERS = ("detectron2", "mmdet")
@@ -187,18 +187,17 @@ def training_box_sides(dataset_dicts: List[dict], short_edge: int, max_size: int
     return resized_box_sides(np.array(box_wh), np.array(image_hw), short_edge, max_size)
 
 
-def warn_if_boxes_miss_anchors(cfg, dataset_dicts: List[dict]) -> None:
+def warn_about_tiny_boxes(cfg, dataset_dicts: List[dict]) -> None:
     """
     At the start of a VFNet training: warn (once per process) when a large share of the training
     boxes, at the largest training input scale (INPUT.MIN_SIZE_TRAIN, MAX_SIZE_TRAIN or
-    MAX_SIZE_TRAIN_RANGE), is much smaller than the smallest ATSS anchor
-    (MODEL.VFNET.ATSS.ANCHOR_SCALE x the stride of MODEL.VFNET.IN_FEATURES[0]); see
-    :func:`vfnet.modeling.anchor_fit.anchor_fit_warning`.
+    MAX_SIZE_TRAIN_RANGE), is too small for the grid of the finest level (the stride of
+    MODEL.VFNET.IN_FEATURES[0]); see :func:`vfnet.modeling.anchor_fit.anchor_fit_warning`.
     """
     short_edge = max(cfg.INPUT.MIN_SIZE_TRAIN)
     max_size = max(cfg.INPUT.MAX_SIZE_TRAIN_RANGE or (cfg.INPUT.MAX_SIZE_TRAIN,))
     stride = 2 ** int(cfg.MODEL.VFNET.IN_FEATURES[0].lstrip("p"))
     sides = training_box_sides(dataset_dicts, short_edge, max_size)
-    message = anchor_fit_warning(sides, cfg.MODEL.VFNET.ATSS.ANCHOR_SCALE, stride, (short_edge, max_size))
+    message = anchor_fit_warning(sides, stride, (short_edge, max_size))
     if message:
         log_first_n(logging.WARNING, message, n=1, name=__name__, key="message")

@@ -1,17 +1,22 @@
 """
-How the boxes of a training set fit the ATSS anchors (one square anchor of ANCHOR_SCALE x stride
-per location): boxes much smaller than the smallest anchor (8 x 8 = 64 px on P3 by default) get
-few positives of low IoU, and VFNet learns them badly (docs/SMALL_OBJECTS.md has the measured
-curve of AP against the anchor scale). Pure numpy (no Detectron2).
+How the boxes of a training set fit VFNet's sample assignment: ATSS over the locations of each
+level, P3's grid of 8 px the finest. A box of under ~1.5 strides holds few locations of that
+grid (one or none under a stride) and gets few positives or none (ATSS requires the location
+inside the box, as FCOS does); the ATSS anchor's scale does not change that (a box inside each of its candidate
+anchors is assigned the same at every scale), the input scale does. docs/SMALL_OBJECTS.md has the
+measurements. Pure numpy (no Detectron2).
 """
+import math
 from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["ANCHOR_SCALES", "anchor_fit_warning", "resized_box_sides", "suggested_anchor_scale"]
+__all__ = ["anchor_fit_warning", "resized_box_sides", "suggested_input_scale"]
 
-# The anchor scales measured on the small-object shapes set (docs/SMALL_OBJECTS.md).
-ANCHOR_SCALES = (8, 6, 4, 3, 2)
+# Boxes under this many strides of the finest level are "tiny"; the warning is given when more
+# than MAX_TINY_SHARE of the training boxes are.
+TINY_STRIDES = 1.5
+MAX_TINY_SHARE = 0.25
 
 
 def resized_box_sides(
@@ -32,54 +37,41 @@ def resized_box_sides(
     return np.sqrt(np.clip(box_wh[:, 0], 0, None) * np.clip(box_wh[:, 1], 0, None)) * scale
 
 
-def suggested_anchor_scale(box_sides: np.ndarray, stride: int, ratio: float = 4.0) -> int:
-    """
-    The largest of :data:`ANCHOR_SCALES` whose smallest anchor (scale x `stride`) is at most
-    `ratio` x the median side of the boxes smaller than the default anchor's 1 / `ratio`.
-    """
-    small = box_sides[box_sides < 8 * stride / ratio]
-    median = float(np.median(small)) if len(small) else float(np.median(box_sides))
-    fitting = [s for s in ANCHOR_SCALES if s * stride <= ratio * median]
-    return max(fitting) if fitting else min(ANCHOR_SCALES)
+def suggested_input_scale(box_sides: np.ndarray, stride: int) -> float:
+    """The factor on the input size after which at most MAX_TINY_SHARE of the boxes are under
+    TINY_STRIDES x `stride` (their MAX_TINY_SHARE quantile reaches it); at least 1."""
+    quantile = float(np.quantile(box_sides, MAX_TINY_SHARE))
+    return max(1.0, TINY_STRIDES * stride / max(quantile, 1e-6))
 
 
 def anchor_fit_warning(
-    box_sides: np.ndarray,
-    anchor_scale: float,
-    stride: int,
-    resize: Sequence[int],
-    ratio: float = 4.0,
-    max_share: float = 0.25,
+    box_sides: np.ndarray, stride: int, resize: Sequence[int], multiple: int = 32
 ) -> Optional[str]:
     """
-    A warning when more than `max_share` of the boxes (sides after the resize, see
-    :func:`resized_box_sides`) are under 1 / `ratio` of the smallest anchor (`anchor_scale` x
-    `stride`), naming the share, the key and the suggested value; None when they fit.
+    A warning when more than MAX_TINY_SHARE of the boxes (sides after the resize, see
+    :func:`resized_box_sides`) are under TINY_STRIDES x `stride` (the finest level's), naming
+    the share, the keys and the suggested input sizes (`resize` x :func:`suggested_input_scale`,
+    rounded up to a `multiple`); None when they fit.
 
     Args:
-        resize: (short edge, max size) the sides were computed at, for the message.
+        resize: (short edge, max size) the sides were computed at.
     """
     box_sides = np.asarray(box_sides, dtype=np.float64)
     if len(box_sides) == 0:
         return None
-    anchor = anchor_scale * stride
-    limit = anchor / ratio
+    limit = TINY_STRIDES * stride
     share = float(np.mean(box_sides < limit))
-    if share <= max_share:
+    if share <= MAX_TINY_SHARE:
         return None
-    suggested = suggested_anchor_scale(box_sides, stride, ratio)
-    advice = (
-        f"MODEL.VFNET.ATSS.ANCHOR_SCALE {suggested} (smallest anchor {suggested * stride} px) suits "
-        "them better"
-        if suggested < anchor_scale
-        else "no smaller ATSS anchor was measured to help; a larger input scale "
-        "(INPUT.MIN_SIZE_TRAIN, MIN_SIZE_TEST) enlarges them"
-    )
+    factor = suggested_input_scale(box_sides, stride)
+    short, longest = (int(math.ceil(v * factor / multiple)) * multiple for v in resize)
     return (
-        f"{share:.0%} of the {len(box_sides)} training boxes are smaller than {limit:g} px "
-        f"(median {np.median(box_sides):.1f} px; sqrt(w x h) after the resize to "
-        f"{resize[0]}, max {resize[1]}), under 1/{ratio:g} of the smallest ATSS anchor, "
-        f"{anchor:g} px (MODEL.VFNET.ATSS.ANCHOR_SCALE {anchor_scale:g} x stride {stride}): ATSS "
-        f"gives such boxes few positives of low IoU and VFNet learns them badly; {advice} "
-        "(docs/SMALL_OBJECTS.md)."
+        f"{share:.0%} of the {len(box_sides)} training boxes are under {limit:g} px (median "
+        f"{np.median(box_sides):.1f} px; sqrt(w x h) after the resize to {resize[0]}, max "
+        f"{resize[1]}), {TINY_STRIDES:g} x the stride of the finest level ({stride} px): such a box "
+        "holds few locations of its grid (one or none under a stride) and gets few positives or "
+        "none (ATSS, as FCOS, needs the location inside the box); MODEL.VFNET.ATSS.ANCHOR_SCALE "
+        f"does not change that. Enlarge the input about {factor:.1f}x: INPUT.MIN_SIZE_TRAIN ({short},), "
+        f"MAX_SIZE_TRAIN {longest}, MIN_SIZE_TEST {short}, MAX_SIZE_TEST {longest} (see "
+        "docs/SMALL_OBJECTS.md)."
     )
