@@ -157,3 +157,15 @@ def test_the_parity_tests_are_not_collected_without_mmdetection(pytester, monkey
     result.stdout.fnmatch_lines(["vfnet: the MMDetection parity tests*run in the parity environment*"])
     # Named on the command line, it is collected (and would skip or fail there).
     pytester.runpytest("-p", "no:cacheprovider", "test_mmdet_parity_x.py").assert_outcomes(passed=1)
+
+
+def test_test_files_have_unique_names():
+    """pytest imports the test folders (no __init__.py) by their basename: two files of one name in
+    two folders stop the whole collection ("import file mismatch"), as CI once did."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    seen = {}
+    for folder, _, files in os.walk(here):
+        for name in files:
+            if name.startswith("test_") and name.endswith(".py"):
+                seen.setdefault(name, []).append(os.path.relpath(os.path.join(folder, name), here))
+    assert {n: p for n, p in seen.items() if len(p) > 1} == {}
