@@ -265,6 +265,8 @@ def test_a_bf16_training_step_runs_its_convolutions_in_bf16_and_keeps_float32_we
     from detectron2.modeling import build_model
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from vfnet.layers import NarrowInputConv2d
+
     from helpers import small_cfg, training_batch
 
     class Convolutions(TorchDispatchMode):
@@ -283,6 +285,10 @@ def test_a_bf16_training_step_runs_its_convolutions_in_bf16_and_keeps_float32_we
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     trainer = build_trainer(model, itertools.repeat(training_batch()), optimizer, "cpu", True)
     assert isinstance(trainer, CPUAutocastTrainer)
+    # Its strided nn.Conv2d, P6 and P7, convolve inputs narrower than their stride in float32
+    # (none here: the batch is 96 px wide); the backbone's strided convs are Detectron2's Conv2d.
+    narrow = {name for name, m in model.named_modules() if type(m) is NarrowInputConv2d}
+    assert narrow == {"backbone.top_block.p6", "backbone.top_block.p7"}
     recorded = Convolutions()
     with recorded:
         trainer.train(0, 1)

@@ -25,6 +25,8 @@ from detectron2.engine import train_loop
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..layers import convolve_narrow_inputs_in_float32
+
 __all__ = [
     "AMPTrainer",
     "CPUAutocastTrainer",
@@ -188,6 +190,10 @@ class CPUAutocastTrainer(SimpleTrainer):
     float32's own smallest normal (1e-38), where float16 (5-bit exponent) loses everything under
     6e-8 and needs Detectron2's GradScaler. On a CPU without native bf16 (:func:`has_native_bf16`)
     the trainer logs a warning: there it is slower than float32.
+
+    The strided nn.Conv2d of the model become :class:`vfnet.layers.NarrowInputConv2d` (in place,
+    same parameters): oneDNN's bf16 weight gradient of an input narrower than the stride is wrong
+    (P6 and P7 of an FPN on images at most 64 px wide), so those inputs are convolved in float32.
     """
 
     def __init__(self, model, data_loader, optimizer, precision: torch.dtype = torch.bfloat16, **kwargs):
@@ -197,6 +203,7 @@ class CPUAutocastTrainer(SimpleTrainer):
             precision: the dtype of autocast (torch.bfloat16).
         """
         super().__init__(model, data_loader, optimizer, **kwargs)
+        convolve_narrow_inputs_in_float32(model)
         self.precision = precision
         if precision == torch.bfloat16 and not has_native_bf16():
             logger.warning(

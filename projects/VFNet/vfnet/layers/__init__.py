@@ -10,4 +10,5 @@ from .deform_conv import (
     deform_conv2d_by_sampling,
     finite_offsets,
 )
+from .narrow_input_conv import NarrowInputConv2d, convolve_narrow_inputs_in_float32
 from .soft_nms import SOFT_NMS_METHODS, batched_soft_nms, soft_nms
