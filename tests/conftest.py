@@ -10,6 +10,9 @@ skipping what a declared dependency runs. The MMDetection parity environment's p
 mmengine, mmcv) are required only where VFNET_REQUIRE names them (comma-separated, for example
 VFNET_REQUIRE=mmdet,mmengine for the parity run of .ci/run), as is every module it names.
 
+Long tests (`@pytest.mark.long`: minutes each on 2 cores, at the sizes users train) run with
+`pytest --long` (or VFNET_LONG=1) and are skipped, with that said, in the default run and CI.
+
 The parity tests (tests/parity/test_mmdet_parity*.py) belong to that environment: where MMDetection does not
 import, `pytest tests` does not collect them, and its header says where they run.
 """
@@ -101,7 +104,27 @@ def missing_required(reason, mods):
     return None
 
 
+LONG_REASON = "long test (minutes on 2 cores): pytest --long (or VFNET_LONG=1) runs it"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", help="also run the tests marked long")
+
+
+def _long(config):
+    return config.getoption("--long") or os.environ.get("VFNET_LONG", "").strip().lower() in ("true", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _long(config):
+        return
+    for item in items:
+        if item.get_closest_marker("long") is not None:
+            item.add_marker(pytest.mark.skip(reason=LONG_REASON))
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "long: minutes on 2 cores; runs with --long or VFNET_LONG=1")
     config._vfnet_required = required_modules()
     for mod in config._vfnet_required:
         if mod == ANY_MODULE:

@@ -169,3 +169,25 @@ def test_test_files_have_unique_names():
             if name.startswith("test_") and name.endswith(".py"):
                 seen.setdefault(name, []).append(os.path.relpath(os.path.join(folder, name), here))
     assert {n: p for n, p in seen.items() if len(p) > 1} == {}
+
+
+LONG_TESTS = """
+import pytest
+
+@pytest.mark.long
+def test_long():
+    pass
+
+def test_short():
+    pass
+"""
+
+
+def test_long_tests_skip_by_default_and_under_ci_and_run_with_long(run, monkeypatch):
+    run(tests=LONG_TESTS).assert_outcomes(passed=1, skipped=1)
+    run({"CI": "true"}, tests=LONG_TESTS).assert_outcomes(passed=1, skipped=1)
+    monkeypatch.delenv("CI")
+    run({"VFNET_LONG": "1"}, tests=LONG_TESTS).assert_outcomes(passed=2)
+    monkeypatch.delenv("VFNET_LONG")
+    result = run(tests=LONG_TESTS)
+    result.stdout.fnmatch_lines(["SKIPPED *long test (minutes on 2 cores): pytest --long*"])
