@@ -184,3 +184,55 @@ def test_the_wheel_holds_the_model_zoos_configs_which_load_outside_the_checkout(
     # (the values of the bases: Base-VFNet-MS-2x.yaml and ../VFNet_R_50_DCN_FPN_MS_2x.yaml)
     assert result["deform"] == [False, True, True, True] and result["min_size_train"] == [480, 960]
     assert result["lazy"] == "IoUAwareFCOS"
+
+
+GET_TRAINED_CHILD = r"""
+import json, sys
+paths, server, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path[:0] = paths
+import torch
+from urllib.parse import urlparse
+from vfnet import model_zoo
+from vfnet.checkpoint.catalog import ModelCatalog
+ModelCatalog.URLS = {n: server + urlparse(u).path for n, u in ModelCatalog.URLS.items()}
+model = model_zoo.get("mmdet/VFNet_R_50_FPN_1x.yaml", trained=True, device="cpu")
+torch.save(model.state_dict(), out)
+import vfnet
+print(json.dumps({"vfnet": vfnet.__file__, "url": model_zoo.get_checkpoint_url("mmdet/VFNet_R_50_FPN_1x.yaml")}))
+"""
+
+
+def test_the_wheel_loads_official_weights_by_address_as_the_explicit_conversion(wheel, tmp_path):
+    """From the installed (not editable) package, outside the checkout: model_zoo.get(trained=True)
+    downloads the official checkpoint (a random one, from a server on 127.0.0.1 at the official
+    path), converts and loads it: the same weights as the explicit conversion of that file."""
+    import torch
+
+    from vfnet.checkpoint.catalog import ModelCatalog
+    from vfnet.checkpoint.converter import convert_checkpoint_file
+
+    from helpers import http_server, official_model_file, serve
+
+    _, site = wheel
+    config = "mmdet/VFNet_R_50_FPN_1x.yaml"
+    weights = official_model_file(config, str(tmp_path / "official.pth"))
+    url_path = serve(tmp_path / "www", ModelCatalog.URLS["VFNet_R_50_FPN_1x"], weights)
+    import site as site_module
+
+    paths = [str(site)] + [p for p in site_module.getsitepackages() if os.path.isdir(p)]
+    env = dict(os.environ, FVCORE_CACHE=str(tmp_path / "cache"))
+    with http_server(tmp_path / "www") as (address, requested):
+        done = subprocess.run(
+            [sys.executable, "-S", "-c", GET_TRAINED_CHILD, json.dumps(paths), address, str(tmp_path / "got.pth")],
+            capture_output=True, text=True, cwd="/", timeout=600, env=env,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert requested == [url_path]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["vfnet"].startswith(str(site)) and result["url"] == address + url_path
+    convert_checkpoint_file(weights, str(tmp_path / "explicit.pth"), os.path.join(ROOT, "configs", config))
+    explicit = torch.load(str(tmp_path / "explicit.pth"), map_location="cpu", weights_only=False)["model"]
+    got = torch.load(str(tmp_path / "got.pth"), map_location="cpu")
+    assert len(explicit) > 200
+    for key, value in explicit.items():
+        assert torch.equal(got[key], torch.as_tensor(value)), key
