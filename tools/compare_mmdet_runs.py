@@ -22,6 +22,7 @@ interrupted one resumes from its last checkpoint. The results of every finished 
 import argparse
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +77,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="2 iterations of the parity study, seed 0")
     p.add_argument("--table-only", action="store_true", help="the tables of the runs done")
     p.add_argument("--dry-run", action="store_true", help="print the commands")
+    p.add_argument("--only", metavar="REGEX", help="run (or print) only the runs whose output folder's name matches; "
+                   "the tables still show every run done")
     args = p.parse_args(argv)
     if bool(args.train) != bool(args.val):
         p.error("--train and --val go together")
@@ -112,8 +115,9 @@ def main(argv=None):
         runs += small_object_runs(plans["small"], args.small_seeds)
         runs += small_object_runs(plans["small_12_40"], args.small_seeds, "small_12_40", anchor_scales=(8, 4, 2),
                                   input_scales=(), retinanet=False)  # fmt: skip
+    chosen = [r for r in runs if not args.only or re.search(args.only, os.path.basename(r.output_dir))]
     if args.dry_run:
-        for run in runs:
+        for run in chosen:
             print("python " + " ".join(f'"{a}"' if any(c in a for c in " ()[]'") else a for a in run.argv))
         return 0
 
@@ -122,7 +126,7 @@ def main(argv=None):
         # MMDetection's initialisation of each parity seed, for both frameworks.
         plan = plans["demo"]
         cfg = load_d2_recipe(DEMO_CONFIG, opts)
-        for seed in sorted({r.seed for r in runs if r.init}):
+        for seed in sorted({r.seed for r in chosen if r.init}):
             init_mm, init_d2 = plan.init_paths(seed)
             if not (os.path.isfile(init_mm) and os.path.isfile(init_d2)):
                 os.makedirs(os.path.dirname(init_mm), exist_ok=True)
@@ -131,7 +135,7 @@ def main(argv=None):
                            ["MODEL.VFNET.NUM_CLASSES", str(len(classes))])  # fmt: skip
                 print(f"init {init_mm}, {init_d2}: MMDetection's initialisation, seed {seed}", flush=True)
         codes = run_all(
-            runs, ROOT, jobs=args.jobs, threads=args.threads, log=lambda m: print(m, flush=True),
+            chosen, ROOT, jobs=args.jobs, threads=args.threads, log=lambda m: print(m, flush=True),
             result=lambda out: (read_result(out) or {}).get("bbox", {}).get("AP"),
         )
         failed = [out for out, code in codes.items() if code != 0]
