@@ -580,7 +580,8 @@ def small_object_runs(plan: Plan, seeds: Sequence[int], study: str = "small", an
     """
     On a small-object dataset: this project's VFNet at each ATSS anchor scale, and with the
     initial box normalised by the stride instead of 8 x the stride (MODEL.VFNET.BBOX_NORM_TYPE
-    "stride"), Detectron2's FCOS and RetinaNet (the demo's anchors; `retinanet`), MMDetection's
+    "stride"), and resized by OpenCV as MMDetection resizes (INPUT.RESIZE_BACKEND cv2; PIL's
+    bilinear, Detectron2's default, smooths when it shrinks), Detectron2's FCOS and RetinaNet (the demo's anchors; `retinanet`), MMDetection's
     VFNet at `mmdet_anchor_scales` and its FCOS; then at each of `input_scales` (x the demo's
     input sizes) VFNet at anchor scales 8 and 4, FCOS and RetinaNet. `study`: the runs' study
     name and output prefix.
@@ -603,6 +604,8 @@ def small_object_runs(plan: Plan, seeds: Sequence[int], study: str = "small", an
             if scale == 1.0:
                 add("detectron2", "VFNet", s, "norm stride",
                     lambda out: plan.d2_argv(s, out, ["MODEL.VFNET.BBOX_NORM_TYPE", "stride"]))  # fmt: skip
+                add("detectron2", "VFNet", s, "anchor 8 cv2",
+                    lambda out: plan.d2_argv(s, out, ["MODEL.VFNET.ATSS.ANCHOR_SCALE", "8", "INPUT.RESIZE_BACKEND", "cv2"]))  # fmt: skip
             add("detectron2", "FCOS", s, tag, lambda out: plan.d2_fcos_argv(s, out, _lazy_opts(sizes)))
             if retinanet:
                 add("detectron2", "RetinaNet", s, tag, lambda out: plan.d2_retinanet_argv(s, out, _yaml_opts(sizes)))
