@@ -63,10 +63,12 @@ def rel_diff(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-@torch.no_grad()
-def test_atss_targets_over_each_images_extent_match_mmdet():
-    """Two images of different sizes in one batch: the same positives, classes and boxes."""
-    from detectron2.structures import ImageList
+def atss_labels_in_both(batch, num_classes, pad=128):
+    """The class target of every location (`num_classes`: background) of each image of `batch`,
+    by MMDetection's VFNetHead.get_atss_targets over the padded batch and by this project's
+    ATSSMatcher over each image's own extent: (mmdet (N, L), [Detectron2's (L,) per image])."""
+    from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+    from detectron2.structures import Boxes, ImageList
 
     mp.install_mmcv_ops_standins()
     from mmdet.models.dense_heads import VFNetHead
@@ -74,37 +76,71 @@ def test_atss_targets_over_each_images_extent_match_mmdet():
     from mmdet.utils import register_all_modules
 
     from vfnet.modeling.atss import ATSSMatcher
-    from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-    from detectron2.structures import Boxes
 
     register_all_modules()
-    batch = two_images_of_different_sizes()
-    images = ImageList.from_tensors([b["image"] for b in batch], 128)
+    images = ImageList.from_tensors([b["image"] for b in batch], pad)
     strides = [8, 16, 32, 64, 128]
     H, W = images.tensor.shape[-2:]
     sizes = [(-(-H // s), -(-W // s)) for s in strides]
-    head = VFNetHead(num_classes=3, in_channels=8, feat_channels=8, stacked_convs=1, norm_cfg=None,
+    head = VFNetHead(num_classes=num_classes, in_channels=8, feat_channels=8, stacked_convs=1, norm_cfg=None,
                      train_cfg=dict(assigner=dict(type="ATSSAssigner", topk=9), allowed_border=-1, pos_weight=-1, debug=False))  # fmt: skip
-    cls = [torch.zeros(2, 3, h, w) for h, w in sizes]
+    cls = [torch.zeros(len(batch), num_classes, h, w) for h, w in sizes]
     points = head.fcos_prior_generator.grid_priors(sizes, torch.float32, "cpu")
-    samples = mp.mmdet_samples(batch, (H, W))
-    gts, ignore, metas = unpack_gt_instances(samples)
-    labels, _, targets, _ = head.get_atss_targets(cls, points, gts, metas, ignore)
-    mm_labels = torch.cat([l.reshape(2, -1) for l in labels], dim=1)
+    gts, ignore, metas = unpack_gt_instances(mp.mmdet_samples(batch, (H, W)))
+    labels, _, _, _ = head.get_atss_targets(cls, points, gts, metas, ignore)
+    mm_labels = torch.cat([l.reshape(len(batch), -1) for l in labels], dim=1)
 
     gen = DefaultAnchorGenerator(sizes=[[8 * s] for s in strides], aspect_ratios=[[1.0]], strides=strides, offset=0.0)
     anchors = gen([torch.zeros(1, 1, h, w) for h, w in sizes])
-    flat = Boxes.cat(anchors).tensor
-    per_level = [len(a) for a in anchors]
-    for i, b in enumerate(batch):
+    flat, per_level = Boxes.cat(anchors).tensor, [len(a) for a in anchors]
+    d2_labels = []
+    for b in batch:
         inst = b["instances"]
-        matched = ATSSMatcher(9, 32)(flat, per_level, inst.gt_boxes.tensor, inst.image_size)
-        d2_labels = torch.where(matched >= 0, inst.gt_classes[matched.clamp(min=0)], torch.tensor(3))
-        assert torch.equal(d2_labels, mm_labels[i]), i
-        # The whole batch's anchors give other positives for the small image: the test can fail.
-        if i == 1:
-            whole = ATSSMatcher(9, 0)(flat, per_level, inst.gt_boxes.tensor, inst.image_size)
-            assert not torch.equal(whole, matched)
+        matched = ATSSMatcher(9, pad // 4)(flat, per_level, inst.gt_boxes.tensor, inst.image_size)
+        d2_labels.append(torch.where(matched >= 0, inst.gt_classes[matched.clamp(min=0)], torch.tensor(num_classes)))
+    return mm_labels, d2_labels
+
+
+@torch.no_grad()
+def test_atss_targets_over_each_images_extent_match_mmdet():
+    """Two images of different sizes in one batch: the same positives and classes."""
+    from detectron2.structures import ImageList
+
+    batch = two_images_of_different_sizes()
+    mm_labels, d2_labels = atss_labels_in_both(batch, 3)
+    for i in range(2):
+        assert torch.equal(d2_labels[i], mm_labels[i]), i
+    # The whole batch's extent gives other positives for the small image: the test can fail.
+    padded = ImageList.from_tensors([b["image"] for b in batch], 128).tensor.shape[-2:]
+    whole = [dict(b) for b in batch]
+    whole[1]["instances"] = batch[1]["instances"][:]
+    whole[1]["instances"]._image_size = tuple(padded)
+    assert not torch.equal(atss_labels_in_both(whole, 3)[1][1], mm_labels[1])
+
+
+@torch.no_grad()
+def test_atss_targets_of_boxes_of_8_to_20_px_match_mmdet():
+    """The small-object study's boxes (docs/SMALL_OBJECTS.md): 1-4 boxes of 8-20 px on images of
+    96-128 px, many under a stride of P3 and some holding no location of it, two images a batch:
+    the same positives and classes in both frameworks."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    positives = 0
+    for _ in range(10):
+        batch = []
+        for _ in range(2):
+            h, w = (int(v) for v in torch.randint(96, 129, (2,), generator=g))
+            n = int(torch.randint(1, 5, (1,), generator=g))
+            wh = 8 + 12 * torch.rand(n, 2, generator=g)
+            xy = torch.rand(n, 2, generator=g) * (torch.tensor([w, h]) - wh)
+            inst = Instances((h, w), gt_boxes=Boxes(torch.cat([xy, xy + wh], 1)), gt_classes=torch.randint(0, 4, (n,), generator=g))
+            batch.append({"image": torch.zeros(3, h, w), "instances": inst})
+        mm_labels, d2_labels = atss_labels_in_both(batch, 4)
+        for i in range(2):
+            assert torch.equal(d2_labels[i], mm_labels[i])
+            positives += int((d2_labels[i] < 4).sum())
+    assert positives > 20
 
 
 @pytest.fixture
