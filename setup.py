@@ -64,7 +64,7 @@ setup(
         # The tests: scipy's distributions (the init tests), onnxscript (the dynamo exporter),
         # OpenVINO (the exported models' parity in it).
         "dev": [
-            "pytest>=7",
+            "pytest>=7.3",
             "hypothesis>=6.0",
             "scipy>=1.7",
             "onnx>=1.14",
