@@ -303,7 +303,10 @@ def test_export_tool_openvino_with_run_eval(exported, eager_ap, pseudo_dataset, 
     predictor = E.ExportedPredictor(str(out / "model.xml"))
     assert predictor.runtime.name == "openvino" and predictor.min_size_test == MIN_SIZE
     image = cv2.imread(raccoons(2)[1])
-    assert_same_detections(m.eager([predictor.test_input(image)])[0], predictor(image)["instances"])
+    x = predictor.test_input(image)
+    # The boxes within 1e-3 px of the graph's 128-192 px input: 1.4e-3 px of the image on an AMD
+    # EPYC (Zen 3, AVX2), where OpenVINO's kernels round differently than on AVX-512.
+    assert_same_detections(m.eager([x])[0], predictor(image)["instances"], input_size=x["image"].shape[1:])
 
 
 # -------------------------------------------------------------------------------------------------
