@@ -210,15 +210,20 @@ def _init_worker(args):
 
 
 def available_rows(args):
-    """The rows of --rows this machine can run: bf16 where the CPU has it, int8 with nncf."""
+    """The rows of --rows this machine can run: bf16 where the CPU has it natively, int8 with nncf."""
     import importlib.util
+
+    from vfnet.engine.train_loop import has_native_bf16
 
     rows = []
     for row in args.rows:
+        if row == "eager bf16" and not has_native_bf16():
+            print(f"skipped '{row}': this CPU has no native bf16 (torch emulates it, slower than fp32)")
+            continue
         if "bf16" in row and "OpenVINO" in row:
             import openvino as ov
 
-            if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            if "BF16" not in E.openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
                 print(f"skipped '{row}': this CPU has no bf16 in OpenVINO")
                 continue
         if "int8" in row and (importlib.util.find_spec("nncf") is None or not args.calibration):

@@ -174,12 +174,42 @@ def test_r50_matches_eager_at_the_test_size_users_run(exported):
 
 def test_openvino_runs_f32_unless_asked_for_bf16(exported):
     """OpenVINO's CPU default is bf16 where the CPU has it (Xeons with AMX, EPYCs with AVX512-BF16)."""
-    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    assert (ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16) == has_bf16
+    core = E.openvino_core()
+    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert (core.get_property("CPU", "INFERENCE_PRECISION_HINT") == ov.Type.bf16) == has_bf16
     m = exported("R-50")
     for precision, expected in [("f32", ov.Type.f32), ("bf16", ov.Type.bf16 if has_bf16 else ov.Type.f32)]:
         compiled = m.predictor("openvino", "model.xml", precision=precision).runtime.compiled
         assert compiled.get_property("INFERENCE_PRECISION_HINT") == expected
+
+
+# In a child process: signals after OpenVINO models were closed in any order.
+SIGNAL_AFTER_CLOSING = """
+import gc, signal, subprocess, sys
+from vfnet.export import open_runtime
+
+first, second = open_runtime(sys.argv[1], "openvino"), open_runtime(sys.argv[1], "openvino")
+del first; gc.collect()  # first in, first out
+del second; gc.collect()
+signal.signal(signal.SIGCHLD, lambda *args: print("handled SIGCHLD"))  # as torch's DataLoader does
+subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("done")
+"""
+
+
+def test_models_closed_in_any_order_leave_signal_handlers_working(exported):
+    """
+    OpenVINO's CPU plugin swaps the compiling thread's alternate signal stack per Core and puts
+    the old one back when the Core goes: with a Core per model, two models closed first-in-first-out
+    left it on freed memory, and the next Python signal handler (SIGCHLD when a child process
+    ended) killed the process with SIGSEGV (the pytest process of the whole suite, at a
+    subprocess.run). One Core for the process (`openvino_core`).
+    """
+    m = exported("R-50")
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_CLOSING, str(m.folder / "model.xml")],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    assert proc.stdout.split() == ["handled", "SIGCHLD", "done"]
 
 
 # -------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ OpenVINO, two things that change its detections:
   bilinear sampling at the border (``bilinear_interpolation_pad``), as OpenVINO's PyTorch frontend
   maps ``torchvision::deform_conv2d``.
 """
+import functools
 import json
 import os
 from typing import List, Optional, Sequence, Union
@@ -218,8 +219,18 @@ def _deform_conv(node):
     return out.outputs()
 
 
+@functools.lru_cache(maxsize=None)
 def openvino_core():
-    """An OpenVINO `Core` that reads ONNX DeformConv (see the module docstring)."""
+    """
+    The process's OpenVINO `Core`, which reads ONNX DeformConv (see the module docstring).
+
+    One for the process, not one per model: OpenVINO's CPU plugin (2026.4) installs an alternate
+    signal stack on the thread that compiles a model and, when its Core goes, puts back the one
+    it found. Two Cores that go in another order than they came leave the thread's alternate
+    stack on freed memory, and the next signal handled there (Python's handlers run there, e.g.
+    torch's SIGCHLD handler when a child process ends) kills the process with SIGSEGV, before
+    faulthandler can say anything.
+    """
     try:
         import openvino as ov
     except ImportError:
