@@ -219,7 +219,6 @@ def _deform_conv(node):
     return out.outputs()
 
 
-@functools.lru_cache(maxsize=None)
 def openvino_core():
     """
     The process's OpenVINO `Core`, which reads ONNX DeformConv (see the module docstring).
@@ -232,9 +231,15 @@ def openvino_core():
     faulthandler can say anything.
     """
     try:
-        import openvino as ov
+        import openvino  # noqa: F401
     except ImportError:
         raise _missing("openvino", "an exported model") from None
+    return _process_core()
+
+
+@functools.lru_cache(maxsize=None)
+def _process_core():
+    import openvino as ov
     from openvino.frontend.onnx import ConversionExtension
 
     core = ov.Core()
