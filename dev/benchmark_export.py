@@ -221,8 +221,6 @@ def available_rows(args):
             print(f"skipped '{row}': this CPU has no native bf16 (torch emulates it, slower than fp32)")
             continue
         if "bf16" in row and "OpenVINO" in row:
-            import openvino as ov
-
             if "BF16" not in E.openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
                 print(f"skipped '{row}': this CPU has no bf16 in OpenVINO")
                 continue
