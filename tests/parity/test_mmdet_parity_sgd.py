@@ -1,7 +1,7 @@
 """
 The official training recipe against MMDetection 3.3 (parity environment): ATSS over each image's
 own extent, and three SGD steps of the official optimizer on a batch of two images of different
-sizes, after which every parameter is the same in both frameworks.
+sizes, which update every parameter alike in both frameworks.
 
 MMDetection 2.10 (the published models) and 3.3 differ in the optimizer's parameter groups:
 mmengine's DefaultOptimWrapperConstructor (3.3) also gives bias_decay_mult to the biases of the
@@ -61,6 +61,11 @@ def warmup_lr(it):
 
 def rel_diff(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def update_diff(a, b, start):
+    """The norm of a - b relative to the norm of b's change from `start`."""
+    return float((a - b).norm() / (b - start).norm().clamp(min=1e-30))
 
 
 def atss_labels_in_both(batch, num_classes, pad=128):
@@ -152,24 +157,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("gradient_mul, steps", [(0.1, 1), (0.0, 3)], ids=["official-1-step", "no-offset-grad-3-steps"])
-def test_sgd_steps_of_the_official_optimizer_match_mmdet(one_thread, gradient_mul, steps):
+def test_three_sgd_steps_of_the_official_optimizer_match_mmdet(one_thread):
     """
     MMDetection 3.3's VFNet R-50 (every tensor perturbed), converted; norm_eval BN on both sides
     (MODEL.BACKBONE.NORM_EVAL; stem and res2 frozen); the same padded batch of two images of
-    different sizes (Detectron2's, padded to 128, fed to both); after each of 3 steps (warm-up lr
-    of iterations 0, 1, 2) every parameter is equal to 1e-5 relative (of the tensor's largest
-    value). In float32: MMDetection's ATSS builds float32 anchors and targets, so it does not run
-    in float64.
+    different sizes (Detectron2's, padded to 128, fed to both); three steps of the official SGD
+    (warm-up lr of iterations 0, 1, 2, bias lr x2, the official gradient of the star offsets into
+    the initial boxes). In float32: MMDetection's ATSS builds float32 anchors and targets, so it
+    does not run in float64.
 
-    One step with the official gradient of the star offsets into the initial boxes (gradient_mul
-    0.1: every gradient, that one included, is compared through the step), and three steps with
-    it cut on both sides (gradient_mul 0). The gradient of bilinear sampling with respect to a
-    sampling point jumps where the point crosses a pixel: once the two models differ by float32
-    rounding (1e-7 after step 0), a point that lies that close to a pixel boundary takes the
-    other side of the jump, and with the offsets' gradient on, the models part (2.4e-5 in
-    head.reg_init.weight after step 1 on an AMD EPYC with torch 2.14, one thread or two); with it
-    cut, 9e-7 after step 2.
+    Step 0 starts from the same weights: the losses are equal to 1e-6 and every parameter
+    element to 1e-6 of its tensor's largest value (measured: 1e-7, float32 rounding). From then on
+    the two models differ by that rounding, and a ReLU input or a bilinear sampling point that
+    lies within it of 0 or of a pixel boundary takes the other side of the jump in its gradient:
+    a few elements part (one channel of res4.4's BN bias, 1e-5 of res4.4.conv2's largest weight
+    after step 1, in a run without the offsets' gradient; torch 2.14, an Intel Xeon and an AMD
+    EPYC alike), so an element-wise bound after step 0 tests luck. What the steps must agree on
+    is the update: each tensor's difference between the frameworks within 2% of its update since
+    the start, in norm (measured: at most 0.4% from rounding, 0.9% after such a jump), where a
+    wrong learning rate, multiplier or gradient term parts them by its own size; and the losses
+    within 1e-4 (measured 7e-6 after a jump).
     """
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
@@ -205,8 +212,8 @@ def test_sgd_steps_of_the_official_optimizer_match_mmdet(one_thread, gradient_mu
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     # MMDetection's 5 + 5 per-level scales are Detectron2's head.scales and head.scales_refine.
     assert len(trained) == sum(p.requires_grad for p in mm.parameters()) - 2 * (5 - 1)
-    model.head.gradient_mul = mm.bbox_head.gradient_mul = gradient_mul
-    for it in range(steps):
+    assert model.head.gradient_mul == mm.bbox_head.gradient_mul == 0.1  # the official value
+    for it in range(3):
         with EventStorage(it):
             d2_loss = sum(model(batch).values())
         d2_opt.zero_grad()
@@ -221,11 +228,14 @@ def test_sgd_steps_of_the_official_optimizer_match_mmdet(one_thread, gradient_mu
         mm_opt.zero_grad()
         mm_loss.backward()
         mm_opt.step()
-        assert math.isclose(float(d2_loss), float(mm_loss), rel_tol=1e-6), it
+        assert math.isclose(float(d2_loss), float(mm_loss), rel_tol=1e-6 if it == 0 else 1e-4), it
         mm_now = convert_mmdet_to_d2(mm.state_dict())[0]
         d2_now = model.state_dict()
         worst = max((rel_diff(d2_now[n], mm_now[n]), n) for n in d2_now if not n.endswith("num_batches_tracked"))
-        print(f"step {it}: loss {float(d2_loss):.8f} / {float(mm_loss):.8f}, worst {worst}")
-        assert worst[0] <= 1e-5, (it, worst)
+        worst_update = max((update_diff(d2_now[n], mm_now[n], converted[n]), n) for n in trained)
+        print(f"step {it}: loss {float(d2_loss):.8f} / {float(mm_loss):.8f}, worst {worst}, update {worst_update}")
+        if it == 0:
+            assert worst[0] <= 1e-6, (it, worst)
+        assert worst_update[0] <= 0.02, (it, worst_update)
     # Every trained parameter moved (decay alone moves a non-zero one): the steps were taken.
     assert all(not torch.equal(d2_now[n], converted[n]) for n in trained)
