@@ -12,6 +12,9 @@ VFNET_REQUIRE=mmdet,mmengine for the parity run of .ci/run), as is every module 
 
 Long tests (`@pytest.mark.long`: minutes each on 2 cores, at the sizes users train) run with
 `pytest --long` (or VFNET_LONG=1) and are skipped, with that said, in the default run and CI.
+So are the tests marked `bf16_full_size` (bf16 convolutions at 800x1333: seconds on a CPU with
+native bf16, minutes where torch emulates it) on a CPU without native bf16
+(vfnet.engine.train_loop.has_native_bf16), where bf16 is not a mode to train or infer in.
 
 The parity tests (tests/parity/test_mmdet_parity*.py) belong to that environment: where MMDetection does not
 import, `pytest tests` does not collect them, and its header says where they run.
@@ -105,6 +108,19 @@ def missing_required(reason, mods):
 
 
 LONG_REASON = "long test (minutes on 2 cores): pytest --long (or VFNET_LONG=1) runs it"
+EMULATED_BF16_REASON = (
+    "bf16 at 800x1333 on a CPU without native bf16 (torch emulates it: minutes, not seconds): "
+    "pytest --long (or VFNET_LONG=1) runs it"
+)
+
+
+def _native_bf16():
+    """Whether the CPU computes bf16 natively (True where vfnet does not import: its tests skip)."""
+    try:
+        from vfnet.engine.train_loop import has_native_bf16
+    except ImportError:
+        return True
+    return has_native_bf16()
 
 
 def pytest_addoption(parser):
@@ -118,13 +134,21 @@ def _long(config):
 def pytest_collection_modifyitems(config, items):
     if _long(config):
         return
+    native_bf16 = None
     for item in items:
         if item.get_closest_marker("long") is not None:
             item.add_marker(pytest.mark.skip(reason=LONG_REASON))
+        elif item.get_closest_marker("bf16_full_size") is not None:
+            native_bf16 = _native_bf16() if native_bf16 is None else native_bf16
+            if not native_bf16:
+                item.add_marker(pytest.mark.skip(reason=EMULATED_BF16_REASON))
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "long: minutes on 2 cores; runs with --long or VFNET_LONG=1")
+    config.addinivalue_line(
+        "markers", "bf16_full_size: bf16 convolutions at 800x1333; long on a CPU without native bf16"
+    )
     config._vfnet_required = required_modules()
     for mod in config._vfnet_required:
         if mod == ANY_MODULE:

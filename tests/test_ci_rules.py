@@ -191,3 +191,31 @@ def test_long_tests_skip_by_default_and_under_ci_and_run_with_long(run, monkeypa
     monkeypatch.delenv("VFNET_LONG")
     result = run(tests=LONG_TESTS)
     result.stdout.fnmatch_lines(["SKIPPED *long test (minutes on 2 cores): pytest --long*"])
+
+
+BF16_TESTS = """
+import pytest
+
+@pytest.mark.bf16_full_size
+def test_bf16_at_800x1333():
+    pass
+
+def test_other():
+    pass
+"""
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_full_size_bf16_tests_are_long_only_without_native_bf16(run, pytester, native):
+    # A stand-in vfnet (first on the child's sys.path) whose CPU has native bf16 or not.
+    pytester.mkpydir("vfnet")
+    pytester.mkpydir("vfnet/engine")
+    pytester.path.joinpath("vfnet/engine/train_loop.py").write_text(f"def has_native_bf16():\n    return {native}\n")
+    result = run(tests=BF16_TESTS, subprocess=True)
+    if native:
+        result.assert_outcomes(passed=2)
+    else:
+        result.assert_outcomes(passed=1, skipped=1)
+        result.stdout.fnmatch_lines(["SKIPPED *bf16 at 800x1333 on a CPU without native bf16*pytest --long*"])
+    result = run({"VFNET_LONG": "1"}, tests=BF16_TESTS, subprocess=True)
+    result.assert_outcomes(passed=2)

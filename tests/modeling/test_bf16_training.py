@@ -85,6 +85,7 @@ def one_minus_cosine(a, b):
 @pytest.mark.parametrize(
     "name", [n if n == "shapes-demo" else pytest.param(n, marks=pytest.mark.long) for n in MODELS]
 )
+@pytest.mark.bf16_full_size
 def test_bf16_autocast_losses_and_gradients_are_float32_within_bf16_rounding_noise(name, batch):
     config, opts = MODELS[name]
     torch.manual_seed(0)

@@ -36,6 +36,7 @@ def relative_error(ours, reference):
 # --- bf16 autocast --------------------------------------------------------------------------------
 
 
+@pytest.mark.bf16_full_size
 @pytest.mark.parametrize("modulated", [False, True], ids=["DCN", "DCNv2"])
 @pytest.mark.parametrize("impl", ["gather", "sampling", "torchvision", "detectron2"])
 def test_every_kernel_under_bf16_autocast_at_p3_of_800x1333(impl, modulated):
@@ -82,6 +83,7 @@ def smooth_p3():
     return (x, offset, weight, upstream), [out.detach()] + [t.grad for t in tensors]
 
 
+@pytest.mark.bf16_full_size
 @pytest.mark.parametrize("impl", ["gather", "sampling"])
 def test_the_cpu_kernels_backward_under_bf16_autocast_at_p3_of_800x1333(impl, smooth_p3):
     # Sampling positions, corners, indices and the bilinear mix stay float32 in the backward too:
@@ -101,6 +103,7 @@ def test_the_cpu_kernels_backward_under_bf16_autocast_at_p3_of_800x1333(impl, sm
         assert relative_error(ours, reference) < 5e-3, name
 
 
+@pytest.mark.bf16_full_size
 @pytest.mark.skipif(not has_detectron2(), reason=NEEDS_DETECTRON2)
 @pytest.mark.parametrize("dcn_on_last_conv", [False, True])
 def test_the_head_under_bf16_autocast_on_800x1333_features(dcn_on_last_conv):
@@ -221,6 +224,7 @@ def test_under_ddp_every_worker_stops_when_one_worker_meets_a_non_finite_value(t
 # --- TEST.AMP: inference under bf16 autocast ------------------------------------------------------
 
 
+@pytest.mark.bf16_full_size
 @pytest.mark.skipif(not has_detectron2(), reason=NEEDS_DETECTRON2)
 def test_inference_under_test_amp_on_raccoon_photographs_is_within_bf16_rounding_of_float32():
     import cv2
