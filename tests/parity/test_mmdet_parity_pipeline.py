@@ -83,3 +83,46 @@ def test_horizontal_flip_as_mmdet():
     t = T.HFlipTransform(500)
     np.testing.assert_array_equal(t.apply_image(results(333, 500)["img"]), out["img"])
     np.testing.assert_allclose(t.apply_box(boxes), out["gt_bboxes"].numpy(), atol=1e-4)
+
+
+def test_training_mapper_reads_a_json_of_integer_boxes_as_mmdet(tmp_path):
+    """
+    A COCO JSON of whole-pixel (integer) boxes, read, resized to the official training size
+    (800, max 1333; OpenCV as MMDetection) and mapped by this project's training mapper and by
+    MMDetection's CocoDataset and pipeline: the same pixels and the same boxes (Detectron2's
+    in-place box transform truncates integer boxes by up to a pixel).
+    """
+    import json
+
+    from detectron2.data import DatasetCatalog
+    from mmdet.datasets import CocoDataset
+    from mmdet.utils import register_all_modules
+
+    from helpers import small_cfg, tiny_shapes
+    from vfnet.data.datasets import register_coco_dataset
+    from vfnet.data.mapper import VFNetDatasetMapper
+
+    root = tiny_shapes(tmp_path, 6, 1)
+    with open(root / "train.json") as f:
+        assert all(isinstance(v, int) for a in json.load(f)["annotations"] for v in a["bbox"])
+    name = register_coco_dataset(f"int_boxes_train={root / 'train.json'}:{root / 'train'}")
+    cfg = small_cfg("INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MAX_SIZE_TRAIN", "1333", "INPUT.RANDOM_FLIP",
+                    "none", "INPUT.RESIZE_BACKEND", "cv2", "INPUT.FORMAT", "BGR")  # fmt: skip
+    mapper = VFNetDatasetMapper(cfg, is_train=True)
+    d2 = {d["image_id"]: mapper(d) for d in DatasetCatalog.get(name)}
+
+    register_all_modules()
+    pipeline = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
+                dict(type="Resize", scale=(1333, 800), keep_ratio=True), dict(type="PackDetInputs")]  # fmt: skip
+    mm = CocoDataset(ann_file=str(root / "train.json"), data_prefix=dict(img=str(root / "train") + "/"),
+                     pipeline=pipeline, metainfo=dict(classes=("circle", "rectangle", "triangle", "cross")))  # fmt: skip
+    assert len(mm) == len(d2) == 6
+    for i in range(len(mm)):
+        item = mm[i]
+        sample = item["data_samples"]
+        ours = d2[sample.img_id]
+        np.testing.assert_array_equal(ours["image"].numpy(), item["inputs"].numpy())
+        np.testing.assert_array_equal(ours["instances"].gt_classes.numpy(), sample.gt_instances.labels.numpy())
+        np.testing.assert_allclose(
+            ours["instances"].gt_boxes.tensor.numpy(), sample.gt_instances.bboxes.numpy(), rtol=0, atol=1e-3
+        )

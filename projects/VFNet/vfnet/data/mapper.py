@@ -134,5 +134,10 @@ class VFNetDatasetMapper(DatasetMapper):
             dataset_dict.pop("annotations", None)
             return dataset_dict
         if "annotations" in dataset_dict:
+            for anno in dataset_dict["annotations"]:
+                # Detectron2's transforms write the new coordinates into the box's own array:
+                # a box of integers (as a COCO JSON may hold it) would be truncated after a
+                # resize, up to a pixel towards the top-left.
+                anno["bbox"] = [float(v) for v in anno["bbox"]]
             self._transform_annotations(dataset_dict, transforms, image.shape[:2])
         return dataset_dict
