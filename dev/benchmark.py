@@ -33,7 +33,13 @@ VFNET_CONFIGS = {
     "VFNet-R2-101": os.path.join(CONFIGS, "VFNet_R2_101_FPN_MS_2x.yaml"),
     "VFNet-R2-101-DCN": os.path.join(CONFIGS, "VFNet_R2_101_DCN_FPN_MS_2x.yaml"),
     "VFNet-X-800": os.path.join(CONFIGS, "VFNetX_R2_101_DCN_PAFPNX_MS_2x.yaml"),
+    "VFNet-FCOS-backbone": VFNET_CONFIG,
 }
+# Config options of a VFNet of --models. VFNet-FCOS-backbone: the R-50 VFNet on the backbone
+# settings of Detectron2's FCOS (stride in the 1x1 conv, frozen BatchNorm) instead of the official
+# recipe's (stride in the 3x3 conv as torchvision's ResNet, BatchNorm affine trained): the
+# difference of the heads alone.
+VFNET_OPTS = {"VFNet-FCOS-backbone": ["MODEL.RESNETS.STRIDE_IN_1X1", "True", "MODEL.RESNETS.NORM", "FrozenBN"]}
 MODELS = ("VFNet", "FCOS", "RetinaNet")  # the default of --models
 
 
@@ -54,7 +60,7 @@ def build(name, device, opts=()):
             add_vfnet_config(cfg)
             cfg.merge_from_file(VFNET_CONFIGS[name])
             cfg.MODEL.VFNET.TEST_SCORE_THRESH = 0.0
-            cfg.merge_from_list(list(opts))
+            cfg.merge_from_list(VFNET_OPTS.get(name, []) + list(opts))
         else:
             cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
             cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0

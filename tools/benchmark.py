@@ -11,6 +11,8 @@ input), measured side by side in one run. Prints tables; --json and --plot save 
     python tools/benchmark.py --dataset mine=val.json:images/ --images mine   # real images
     python tools/benchmark.py --models VFNet VFNet-R2-101 VFNet-R2-101-DCN --size 800 1333 \
         --skip-training --skip-scaling                # Res2Net-101 beside R-50, same table
+    python tools/benchmark.py --models VFNet VFNet-FCOS-backbone FCOS --precisions fp32 amp --skip-scaling
+                                                    # the heads alone: VFNet on FCOS's backbone settings
 
 Inputs are random images of --size / --train-size with --train-boxes random boxes, or, with
 --images NAME, the first images of a registered dataset (with their boxes for training), at
@@ -38,7 +40,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted({*MODELS, *VFNET_CONFIGS}),
-                   help="models to measure, in the tables' order (VFNet: R-50; VFNet-R2-101[-DCN]: Res2Net-101)")
+                   help="models to measure, in the tables' order (VFNet: R-50; VFNet-R2-101[-DCN]: Res2Net-101; "
+                        "VFNet-FCOS-backbone: R-50 with the backbone settings of Detectron2's FCOS)")
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU): --precisions amp")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "amp"],
                    help="the precisions to measure, each model in each (default: fp32, or amp with --amp); "

@@ -56,6 +56,27 @@ def test_kernel_equals_torchvision_in_float64(kernel, modulated):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("trained", ["x", "offset", "weight", "bias", "mask"])
+def test_gradient_of_one_input_alone_equals_torchvision(kernel, trained):
+    """Only one input needs a gradient (a frozen layer, fixed offsets, ...): the backward computes
+    that one, equal to torchvision's."""
+    tensors = dict(zip(["x", "offset", "weight", "bias", "mask"], inputs(torch.float64)))
+    for name, t in tensors.items():
+        t.requires_grad_(name == trained)
+
+    def grad(fn):
+        out = fn(*tensors.values())
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        g = tensors[trained].grad.clone()
+        tensors[trained].grad = None
+        return g
+
+    ours = grad(lambda x, offset, weight, bias, mask: KERNELS[kernel](x, offset, weight, bias, padding=1, mask=mask))
+    reference = grad(lambda x, offset, weight, bias, mask: deform_conv2d(x, offset, weight, bias, padding=1, mask=mask))
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel_equals_torchvision_in_float32_to_1e5_relative(kernel):
     x, offset, weight, bias, _ = inputs(torch.float32, n=2, c=32, h=20, w=24, o=16)
     out, grads = value_and_grads(lambda *t: KERNELS[kernel](*t, padding=1), [x, offset, weight, bias])

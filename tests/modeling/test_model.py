@@ -241,3 +241,33 @@ def test_dcn_backbone_runs_and_trains_on_cpu(modulated):
         losses = model(batch()[:1])
     sum(losses.values()).backward()
     assert block.conv2.weight.grad is not None and torch.isfinite(block.conv2.weight.grad).all()
+
+
+def test_cpu_batch_is_channels_last_and_computes_what_nchw_does(monkeypatch):
+    """On CPU the backbone gets a channels-last batch (oneDNN's convolutions skip their layout
+    reorders: docs/BENCHMARKS.md), at 800x1333 with R-50: the padded batch holds the same values,
+    and the features and the head's outputs equal those of the NCHW batch to float32 rounding."""
+    from vfnet.modeling.meta_arch import vfnet as meta_arch
+
+    cfg = get_cfg()
+    vfnet.add_vfnet_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "VFNet_R_50_FPN_1x.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    inputs = [{"image": torch.rand(3, 800, 1333) * 255}]
+
+    def run():
+        with torch.no_grad():
+            images = model.preprocess_image(inputs)
+            features = model.backbone(images.tensor)
+            head = model.head([features[f] for f in model.head_in_features])
+        return images.tensor, [features[f] for f in model.head_in_features], [t for out in head for t in out]
+
+    cl_images, cl_features, cl_head = run()
+    monkeypatch.setattr(meta_arch, "feature_memory_format", lambda device: torch.contiguous_format)
+    images, features, head = run()
+    assert cl_images.is_contiguous(memory_format=torch.channels_last) and images.is_contiguous()
+    assert torch.equal(cl_images, images)
+    for ours, ref in zip(cl_features + cl_head, features + head):
+        assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max(), ref.shape

@@ -16,10 +16,12 @@ from .star_dcn import star_dcn_offsets
 
 
 def feature_memory_format(device: torch.device) -> torch.memory_format:
-    """The memory format the head computes in on `device` (VFNetHead.memory_format None)."""
-    # CPU: channels-last (oneDNN's convolutions skip a layout reorder, the gather kernel reads
-    # contiguous channel vectors; measured, README: Performance). CUDA: NCHW, which Detectron2's
-    # deformable kernels read; channels-last is unmeasured there (tools/gpu_check.py measures it).
+    """The memory format VFNet computes in on `device`: its input images (VFNet's
+    preprocess_image) and the head's features (VFNetHead.memory_format None)."""
+    # CPU: channels-last (oneDNN's convolutions skip a layout reorder, 1.2-1.35x on R-50's
+    # backbone in fp32 and 3-4x under bf16 autocast; the gather kernel reads contiguous channel
+    # vectors; docs/BENCHMARKS.md). CUDA: NCHW, which Detectron2's deformable kernels read;
+    # channels-last is unmeasured there (tools/gpu_check.py measures it for the head).
     return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
 

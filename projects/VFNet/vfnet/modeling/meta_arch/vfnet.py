@@ -25,7 +25,7 @@ from ...layers.soft_nms import batched_soft_nms
 from ..atss import ATSSMatcher
 from ..box_coding import distances_to_boxes
 from ..losses import check_cls_loss_type, iou_weighted_giou_loss, quality_focal_loss, varifocal_loss
-from ..vfnet_head import VFNetHead
+from ..vfnet_head import VFNetHead, feature_memory_format
 from .non_finite import first_non_finite
 
 __all__ = ["VFNet"]
@@ -237,6 +237,14 @@ class VFNet(DenseDetector):
         """Detectron2's DenseDetector.forward, in inference under TEST.AMP's autocast."""
         with self._inference_autocast():
             return super().forward(batched_inputs)
+
+    def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
+        """Detectron2's normalised and padded batch, in the memory format the model computes in
+        on its device (:func:`feature_memory_format`: channels-last on CPU, where the backbone's
+        convolutions then run without oneDNN's layout reorders)."""
+        images = super().preprocess_image(batched_inputs)
+        images.tensor = images.tensor.contiguous(memory_format=feature_memory_format(images.tensor.device))
+        return images
 
     def forward_training(self, images, features, predictions, gt_instances):
         logits, boxes_init, boxes_refine = predictions
